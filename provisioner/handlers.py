@@ -1,0 +1,59 @@
+"""kopf wiring only: watch events on claims, volumes and StorageClasses feed the cache and queue.
+
+``app`` registers these on a private ``kopf.OperatorRegistry``. Only ``@kopf.on.event`` is used:
+it stores nothing on the watched objects (no annotations, no finalizers), so users' PVCs carry
+nothing of ours but Events. All decisions happen in the reconciler, level-triggered.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kopf
+
+from provisioner import core
+from provisioner.reconciler import Reconciler
+
+
+def configure(settings: kopf.OperatorSettings) -> None:
+    """kopf settings that keep the framework off users' objects and out of extra RBAC."""
+    settings.posting.enabled = False  # we post our own Events with upstream reasons
+    settings.scanning.disabled = True  # no CRD discovery: the resources are fixed built-ins
+    settings.peering.standalone = True  # leader election is ours (Endpoints/Lease), not peering
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.watching.connect_timeout = 30
+
+
+def register(registry: kopf.OperatorRegistry, reconciler: Reconciler) -> None:
+    cache = reconciler.cache
+
+    @kopf.on.event("persistentvolumeclaims", registry=registry)
+    async def claim_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+        claim = core.claim_from(body)
+        if type == "DELETED":
+            cache.drop_claim(claim.uid)
+            reconciler.forget_claim(claim.uid)
+            return
+        cache.put_claim(claim)
+        reconciler.enqueue_claim(claim.uid)
+
+    @kopf.on.event("persistentvolumes", registry=registry)
+    async def volume_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+        volume = core.volume_from(body)
+        if type == "DELETED":
+            cache.drop_volume(volume.name)
+            reconciler.forget_volume(volume.name)
+            return
+        cache.put_volume(volume)
+        reconciler.remember_volume_uid(volume.name, str(body.get("metadata", {}).get("uid", "")))
+        reconciler.enqueue_volume(volume.name)
+
+    @kopf.on.event("storage.k8s.io", "v1", "storageclasses", registry=registry)
+    async def class_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+        storage_class = core.storage_class_from(body)
+        if type == "DELETED":
+            cache.drop_class(storage_class.name)
+            return
+        cache.put_class(storage_class)
+        reconciler.enqueue_class(storage_class.name)  # claims waiting for it go ahead

@@ -1,0 +1,267 @@
+"""The only module that calls the Kubernetes API (watches aside, which kopf owns).
+
+The reconciler, the leader elector and the preflight check call ``KubeApi``; it sends plain JSON
+through the official client's transport (authentication, TLS, token refresh) without building
+model objects, runs the blocking calls in a thread pool, and paces them with a token bucket
+(client QPS/burst). API errors become the small exception set below; nothing else leaks out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import secrets
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import kubernetes.client
+import kubernetes.config
+
+logger = logging.getLogger(__name__)
+
+JSON = dict[str, Any]
+
+
+class ApiError(Exception):
+    """An API call failed; ``status`` is the HTTP status (0 when the server was not reached)."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(f"{status} {reason}: {message}" if status else message)
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+
+class NotFound(ApiError):
+    pass
+
+
+class Conflict(ApiError):
+    """409: the object exists already (create) or changed since it was read (update)."""
+
+
+class Forbidden(ApiError):
+    pass
+
+
+@dataclass(frozen=True)
+class ObjectRef:
+    """What an Event needs to point at its object."""
+
+    kind: str
+    name: str
+    uid: str
+    namespace: str | None = None
+    api_version: str = "v1"
+    resource_version: str = ""
+
+
+class TokenBucket:
+    """Client-side pacing: ``qps`` requests per second on average, bursts up to ``burst``."""
+
+    def __init__(self, qps: float, burst: int) -> None:
+        self._rate = qps
+        self._capacity = float(burst)
+        self._tokens = float(burst)
+        self._stamp = time.monotonic()
+        self._lock = asyncio.Lock()
+
+    async def acquire(self) -> None:
+        async with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self._capacity, self._tokens + (now - self._stamp) * self._rate)
+            self._stamp = now
+            if self._tokens < 1:
+                wait = (1 - self._tokens) / self._rate
+                await asyncio.sleep(wait)
+                self._stamp = time.monotonic()
+                self._tokens = 1.0
+            self._tokens -= 1
+
+
+def load_api_client(pool_size: int) -> kubernetes.client.ApiClient:
+    """In-cluster configuration when running in a pod, else $KUBECONFIG / ~/.kube/config."""
+    configuration = kubernetes.client.Configuration()
+    try:
+        kubernetes.config.load_incluster_config(client_configuration=configuration)
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config(client_configuration=configuration)
+    configuration.connection_pool_maxsize = pool_size
+    return kubernetes.client.ApiClient(configuration)
+
+
+_ERRORS: dict[int, type[ApiError]] = {404: NotFound, 409: Conflict, 403: Forbidden}
+
+
+class KubeApi:
+    def __init__(
+        self,
+        client: kubernetes.client.ApiClient,
+        qps: float,
+        burst: int,
+        threads: int,
+        timeout: float = 30.0,
+    ) -> None:
+        self._client = client
+        self._bucket = TokenBucket(qps, burst)
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kube-api")
+        self._timeout = timeout
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._client.close()
+
+    # --- transport ---------------------------------------------------------------------------
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        query: Mapping[str, str] | None = None,
+        content_type: str = "application/json",
+    ) -> JSON:
+        if query:
+            path = f"{path}?{urlencode(query)}"
+        _method, url, headers, serialized, _ = self._client.param_serialize(
+            method=method,
+            resource_path=path,
+            header_params={"Accept": "application/json", "Content-Type": content_type},
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        try:
+            response = self._client.call_api(
+                method, url, header_params=headers, body=serialized, _request_timeout=self._timeout
+            )
+            data = response.read()
+            response.response.release_conn()
+        except kubernetes.client.ApiException as error:
+            raise ApiError(error.status or 0, str(error.reason), str(error.body)) from error
+        except Exception as error:  # urllib3 connection errors, TLS failures, timeouts
+            raise ApiError(0, "Unreachable", f"{method} {path}: {error}") from error
+        decoded: JSON = json.loads(data) if data else {}
+        if 200 <= response.status < 300:
+            return decoded
+        message = str(decoded.get("message", data[:200]))
+        raise _ERRORS.get(response.status, ApiError)(
+            response.status, str(decoded.get("reason", response.reason)), message
+        )
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        query: Mapping[str, str] | None = None,
+        content_type: str = "application/json",
+    ) -> JSON:
+        await self._bucket.acquire()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._pool, lambda: self._call(method, path, body, query, content_type)
+        )
+
+    # --- PersistentVolumes and claims -----------------------------------------------------------
+
+    async def create_volume(self, body: JSON) -> JSON:
+        return await self.request("POST", "/api/v1/persistentvolumes", body)
+
+    async def get_volume(self, name: str) -> JSON | None:
+        try:
+            return await self.request("GET", f"/api/v1/persistentvolumes/{quote(name)}")
+        except NotFound:
+            return None
+
+    async def delete_volume(self, name: str) -> JSON | None:
+        """Delete a PV; returns it as the server left it (finalizers pending), None if gone."""
+        try:
+            result = await self.request("DELETE", f"/api/v1/persistentvolumes/{quote(name)}")
+        except NotFound:
+            return None
+        return result if result.get("kind") == "PersistentVolume" else None
+
+    async def set_volume_finalizers(
+        self, name: str, finalizers: list[str], resource_version: str
+    ) -> JSON:
+        """Replace the finalizer list only if the PV is unchanged since it was read (else 409)."""
+        patch = {"metadata": {"finalizers": finalizers, "resourceVersion": resource_version}}
+        return await self.request(
+            "PATCH",
+            f"/api/v1/persistentvolumes/{quote(name)}",
+            patch,
+            content_type="application/merge-patch+json",
+        )
+
+    async def get_claim(self, namespace: str, name: str) -> JSON | None:
+        path = f"/api/v1/namespaces/{quote(namespace)}/persistentvolumeclaims/{quote(name)}"
+        try:
+            return await self.request("GET", path)
+        except NotFound:
+            return None
+
+    # --- Events --------------------------------------------------------------------------------
+
+    async def post_event(
+        self, ref: ObjectRef, event_type: str, reason: str, message: str, component: str
+    ) -> None:
+        """Record a core/v1 Event; a failure is logged, never raised (events are best effort)."""
+        namespace = ref.namespace or "default"
+        now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        involved: JSON = {
+            "kind": ref.kind,
+            "apiVersion": ref.api_version,
+            "name": ref.name,
+            "uid": ref.uid,
+        }
+        if ref.namespace:
+            involved["namespace"] = ref.namespace
+        if ref.resource_version:
+            involved["resourceVersion"] = ref.resource_version
+        body: JSON = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"name": f"{ref.name}.{secrets.token_hex(8)}", "namespace": namespace},
+            "involvedObject": involved,
+            "type": event_type,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": component},
+            "reportingComponent": component.split("_", maxsplit=1)[0][:128],
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            await self.request("POST", f"/api/v1/namespaces/{quote(namespace)}/events", body)
+        except ApiError as error:
+            logger.warning(
+                "could not record event %s on %s %s: %s", reason, ref.kind, ref.name, error
+            )
+
+    # --- access checks (preflight) ---------------------------------------------------------------
+
+    async def can_i(
+        self, verb: str, resource: str, group: str = "", namespace: str | None = None
+    ) -> bool:
+        attributes: JSON = {"verb": verb, "resource": resource, "group": group}
+        if namespace:
+            attributes["namespace"] = namespace
+        review = {
+            "apiVersion": "authorization.k8s.io/v1",
+            "kind": "SelfSubjectAccessReview",
+            "spec": {"resourceAttributes": attributes},
+        }
+        result = await self.request(
+            "POST", "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews", review
+        )
+        return bool(result.get("status", {}).get("allowed"))
+
+    async def server_version(self) -> str:
+        return str((await self.request("GET", "/version")).get("gitVersion", "unknown"))

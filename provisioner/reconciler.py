@@ -1,0 +1,399 @@
+"""Level-triggered reconcile of claims (provision) and volumes (release).
+
+The kopf handlers feed the cache and enqueue keys; the periodic resync enqueues everything. One
+``reconcile`` per key reads the cache, asks ``core`` what to do, performs it through ``storage``
+and ``kube``, and records Events and metrics. Every step is idempotent: the PV name is fixed by the
+claim and delete reads only what the PV recorded, so repeating work after a crash is harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from provisioner import core, paths
+from provisioner.cache import Cache
+from provisioner.config import (
+    ClassParameters,
+    OnDelete,
+    ParameterError,
+    Settings,
+    parse_class_parameters,
+)
+from provisioner.kube import ApiError, Conflict, KubeApi, ObjectRef
+from provisioner.metrics import Metrics
+from provisioner.storage import DirOwner, Storage, StorageError
+from provisioner.workqueue import Backoff, WorkQueue
+
+logger = logging.getLogger(__name__)
+
+CLAIM = "claim"
+VOLUME = "volume"
+
+
+class RetryLater(Exception):
+    """The attempt failed for a reason that may pass; the queue retries with backoff."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who we are in Events (``source.component``), as the upstream library spells it."""
+
+    component: str
+
+
+def claim_ref(claim: core.Claim) -> ObjectRef:
+    return ObjectRef(
+        kind="PersistentVolumeClaim",
+        name=claim.name,
+        namespace=claim.namespace,
+        uid=claim.uid,
+        resource_version=claim.resource_version,
+    )
+
+
+def volume_ref(volume: core.Volume, uid: str = "") -> ObjectRef:
+    return ObjectRef(kind="PersistentVolume", name=volume.name, uid=uid)
+
+
+class Reconciler:
+    def __init__(
+        self,
+        settings: Settings,
+        cache: Cache,
+        kube: KubeApi,
+        storage: Storage,
+        metrics: Metrics,
+        identity: Identity,
+    ) -> None:
+        self.settings = settings
+        self.cache = cache
+        self.kube = kube
+        self.storage = storage
+        self.metrics = metrics
+        self.identity = identity
+        self.export = core.Export(settings.nfs_server, settings.nfs_path)
+        self.queue = WorkQueue(
+            self.reconcile,
+            workers=settings.workers,
+            backoff=_backoff(settings),
+            on_retry=self._on_retry,
+        )
+        # Directories being provisioned right now, so two claims never race into one directory.
+        self._reserved: dict[str, str] = {}
+        # The last refusal posted per claim, so a resync does not repeat the same Warning.
+        self._refused: dict[str, str] = {}
+        self._volume_uids: dict[str, str] = {}
+
+    # --- entry points ----------------------------------------------------------------------------
+
+    def enqueue_claim(self, uid: str) -> None:
+        self.queue.add(f"{CLAIM}:{uid}")
+
+    def enqueue_volume(self, name: str) -> None:
+        self.queue.add(f"{VOLUME}:{name}")
+
+    def enqueue_class(self, class_name: str) -> None:
+        for uid in self.cache.claims_of_class(class_name):
+            self.enqueue_claim(uid)
+
+    def resync(self) -> None:
+        for claim in self.cache.claims():
+            self.enqueue_claim(claim.uid)
+        for volume in self.cache.volumes():
+            self.enqueue_volume(volume.name)
+
+    def remember_volume_uid(self, name: str, uid: str) -> None:
+        self._volume_uids[name] = uid
+
+    def forget_claim(self, uid: str) -> None:
+        self._refused.pop(uid, None)
+        self.queue.forget(f"{CLAIM}:{uid}")
+
+    def forget_volume(self, name: str) -> None:
+        self._volume_uids.pop(name, None)
+        self.queue.forget(f"{VOLUME}:{name}")
+
+    async def reconcile(self, key: str) -> None:
+        kind, _, ident = key.partition(":")
+        self.metrics.in_flight.inc()
+        try:
+            if kind == CLAIM:
+                await self.reconcile_claim(ident)
+            else:
+                await self.reconcile_volume(ident)
+        finally:
+            self.metrics.in_flight.dec()
+            self.metrics.queue_depth.set(self.queue.depth)
+
+    def _on_retry(self, key: str, failures: int, error: BaseException) -> None:
+        kind = key.partition(":")[0]
+        self.metrics.retries_total.labels(kind).inc()
+        delay_hint = "retrying with backoff"
+        if isinstance(error, RetryLater | StorageError | ApiError):
+            logger.warning("%s: attempt %d failed: %s; %s", key, failures, error, delay_hint)
+        else:
+            logger.exception(
+                "%s: attempt %d crashed; %s", key, failures, delay_hint, exc_info=error
+            )
+
+    async def _event(self, ref: ObjectRef, event_type: str, reason: str, message: str) -> None:
+        await self.kube.post_event(ref, event_type, reason, message, self.identity.component)
+
+    # --- claims: provision -------------------------------------------------------------------
+
+    async def reconcile_claim(self, uid: str) -> None:
+        claim = self.cache.claim(uid)
+        if claim is None:
+            return
+        storage_class = self.cache.storage_class(claim.class_name)
+        volume_exists = self.cache.volume(claim.volume_name_for) is not None
+        decision = core.decide_claim(
+            claim, storage_class, self.settings.provisioner_name, volume_exists
+        )
+        if decision.verdict is core.Verdict.IGNORE:
+            logger.debug("claim %s: ignored: %s", claim.key, decision.reason)
+            return
+        if decision.verdict is core.Verdict.WAIT:
+            logger.info("claim %s: waiting: %s", claim.key, decision.reason)
+            return
+        assert storage_class is not None  # decide_claim waits when the class is missing
+        if decision.verdict is core.Verdict.REFUSE:
+            await self._refuse(claim, storage_class, decision.reason)
+            return
+        try:
+            parameters = parse_class_parameters(storage_class.name, storage_class.parameters)
+            directory = paths.claim_dir(
+                parameters.path_pattern,
+                paths.ClaimFields(claim.namespace, claim.name, claim.labels, claim.annotations),
+                claim.volume_name_for,
+            )
+        except (ParameterError, paths.UnsafePathError) as error:
+            await self._refuse(claim, storage_class, f'claim "{claim.key}": {error}')
+            return
+        holders = self.cache.volumes_recording(self.export.path, str(directory)) - {
+            claim.volume_name_for
+        }
+        if holders:
+            await self._refuse(
+                claim,
+                storage_class,
+                f'directory "{directory}" is already used by PersistentVolume '
+                f"{', '.join(sorted(holders))}; a directory is never shared between claims. "
+                "Change the pathPattern inputs (labels/annotations) or delete the other claim",
+            )
+            return
+        reserved_by = self._reserved.setdefault(str(directory), claim.uid)
+        if reserved_by != claim.uid:
+            raise RetryLater(
+                f'claim {claim.key}: directory "{directory}" is being provisioned for another claim'
+            )
+        try:
+            await self._provision(claim, storage_class, directory, parameters)
+        finally:
+            self._reserved.pop(str(directory), None)
+
+    async def _refuse(self, claim: core.Claim, storage_class: core.StorageClass, why: str) -> None:
+        self.metrics.provision_failed_total.labels(storage_class.name).inc()
+        if self._refused.get(claim.uid) == why:
+            return
+        self._refused[claim.uid] = why
+        logger.warning("claim %s: refused: %s", claim.key, why)
+        await self._event(claim_ref(claim), "Warning", "ProvisioningFailed", why)
+
+    async def _provision(
+        self,
+        claim: core.Claim,
+        storage_class: core.StorageClass,
+        directory: paths.RelativeDir,
+        parameters: ClassParameters,
+    ) -> None:
+        started = time.monotonic()
+        ref = claim_ref(claim)
+        owner = DirOwner(mode=parameters.mode, uid=parameters.uid, gid=parameters.gid)
+        await self._event(
+            ref,
+            "Normal",
+            "Provisioning",
+            f'External provisioner is provisioning volume for claim "{claim.key}"',
+        )
+        try:
+            created = await self.storage.ensure_dir(directory, owner)
+        except StorageError as error:
+            self.metrics.provision_failed_total.labels(storage_class.name).inc()
+            await self._event(ref, "Warning", "ProvisioningFailed", str(error))
+            raise RetryLater(f"claim {claim.key}: {error}") from error
+        if not created:
+            await self._event(
+                ref,
+                "Normal",
+                "Provisioning",
+                f'Reusing existing directory "{directory}" on the export: no PersistentVolume '
+                "records it (left by a retained or re-created claim)",
+            )
+        body = core.build_volume(
+            claim,
+            storage_class,
+            directory,
+            parameters.on_delete,
+            self.export,
+            self.settings.provisioner_name,
+        )
+        try:
+            saved = await self._save_volume(claim, body)
+        except (ApiError, RetryLater) as error:
+            self.metrics.provision_failed_total.labels(storage_class.name).inc()
+            await self._undo_if_claim_gone(claim, directory, created)
+            await self._event(
+                ref,
+                "Warning",
+                "ProvisioningFailed",
+                f"Error creating PersistentVolume {claim.volume_name_for} for claim "
+                f'"{claim.key}": {error}; retrying',
+            )
+            raise RetryLater(str(error)) from error
+        self.cache.put_volume(core.volume_from(saved))
+        self._refused.pop(claim.uid, None)
+        self.metrics.provision_total.labels(storage_class.name).inc()
+        self.metrics.provision_duration.labels(storage_class.name).observe(
+            time.monotonic() - started
+        )
+        logger.info(
+            "claim %s: provisioned volume %s in directory %s (%s)",
+            claim.key,
+            claim.volume_name_for,
+            directory,
+            "created" if created else "reused",
+        )
+        await self._event(
+            ref,
+            "Normal",
+            "ProvisioningSucceeded",
+            f"Successfully provisioned volume {claim.volume_name_for}",
+        )
+
+    async def _save_volume(self, claim: core.Claim, body: dict[str, object]) -> dict[str, object]:
+        try:
+            return await self.kube.create_volume(body)
+        except Conflict:
+            existing = await self.kube.get_volume(claim.volume_name_for)
+            if existing is not None and core.volume_is_for_claim(
+                core.volume_from(existing), claim, self.settings.provisioner_name
+            ):
+                return existing  # a previous attempt saved it: success
+            raise RetryLater(
+                f"PersistentVolume {claim.volume_name_for} exists but is not ours for this claim"
+            ) from None
+
+    async def _undo_if_claim_gone(
+        self, claim: core.Claim, directory: paths.RelativeDir, created: bool
+    ) -> None:
+        """Remove a directory we created for a claim that went away (never a reused one)."""
+        if not created:
+            return
+        try:
+            current = await self.kube.get_claim(claim.namespace, claim.name)
+        except ApiError:
+            return  # cannot tell; keep the directory and decide on the next attempt
+        if current is not None and core.claim_from(current).uid == claim.uid:
+            return
+        try:
+            await self.storage.discard_created_dir(directory)
+            logger.info(
+                "claim %s: gone before its volume was saved; removed %s", claim.key, directory
+            )
+        except StorageError as error:
+            logger.warning("claim %s: could not remove %s: %s", claim.key, directory, error)
+
+    # --- volumes: release ----------------------------------------------------------------------
+
+    async def reconcile_volume(self, name: str) -> None:
+        volume = self.cache.volume(name)
+        if volume is None:
+            return
+        decision = core.decide_volume(volume, self.settings.provisioner_name)
+        if decision.action is core.VolumeAction.IGNORE:
+            logger.debug("volume %s: ignored: %s", name, decision.reason)
+            return
+        ref = volume_ref(volume, self._volume_uids.get(name, ""))
+        if decision.action is core.VolumeAction.RELEASE_FINALIZER:
+            await self._drop_finalizer(volume)
+            await self._event(ref, "Normal", "VolumeRetained", decision.reason)
+            return
+        started = time.monotonic()
+        try:
+            outcome = await self._apply_on_delete(volume)
+        except (StorageError, paths.UnsafePathError, core.ReleaseRefused) as error:
+            self.metrics.delete_failed_total.labels(volume.storage_class).inc()
+            await self._event(ref, "Warning", "VolumeFailedDelete", str(error))
+            raise RetryLater(f"volume {name}: {error}") from error
+        if not volume.deleting:
+            deleted = await self.kube.delete_volume(name)
+            if deleted is not None:
+                volume = core.volume_from(deleted)
+        await self._drop_finalizer(volume)
+        self.metrics.delete_total.labels(volume.storage_class).inc()
+        self.metrics.delete_duration.labels(volume.storage_class).observe(
+            time.monotonic() - started
+        )
+        await self._event(ref, "Normal", outcome.reason, outcome.message)
+        logger.info("volume %s: released: %s", name, outcome.message)
+
+    async def _apply_on_delete(self, volume: core.Volume) -> core.ReleaseOutcome:
+        directory = core.recorded_directory(volume, self.export.path)
+        policy = core.recorded_on_delete(volume)
+        if policy is OnDelete.RETAIN:
+            return core.ReleaseOutcome(
+                "VolumeRetained", f'Directory "{directory}" kept (onDelete: retain)'
+            )
+        if policy is OnDelete.DELETE:
+            existed = await self.storage.remove_dir(directory)
+            if not existed:
+                logger.warning(
+                    "volume %s: directory %s was already missing", volume.name, directory
+                )
+                return core.ReleaseOutcome(
+                    "VolumeDeleted",
+                    f'Directory "{directory}" was already missing; nothing to delete',
+                )
+            return core.ReleaseOutcome("VolumeDeleted", f'Directory "{directory}" deleted')
+        archived = await self.storage.archive_dir(directory)
+        if archived is None:
+            logger.warning("volume %s: directory %s was already missing", volume.name, directory)
+            return core.ReleaseOutcome(
+                "VolumeArchived", f'Directory "{directory}" was already missing; nothing to archive'
+            )
+        return core.ReleaseOutcome(
+            "VolumeArchived", f'Directory "{directory}" archived as "{archived}"'
+        )
+
+    async def _drop_finalizer(self, volume: core.Volume) -> None:
+        if core.FINALIZER not in volume.finalizers:
+            return
+        remaining = [f for f in volume.finalizers if f != core.FINALIZER]
+        try:
+            await self.kube.set_volume_finalizers(volume.name, remaining, volume.resource_version)
+        except Conflict as error:
+            fresh = await self.kube.get_volume(volume.name)
+            if fresh is not None:
+                self.cache.put_volume(core.volume_from(fresh))
+            raise RetryLater(f"volume {volume.name}: changed while removing finalizer") from error
+        except ApiError as error:
+            if error.status == 404:
+                return
+            raise
+
+
+def _backoff(settings: Settings) -> Backoff:
+    return Backoff(base=settings.backoff_base, cap=settings.backoff_max)
+
+
+async def resync_forever(reconciler: Reconciler, period: float) -> None:
+    """The operator-level periodic resync: every object goes through the same reconcile again."""
+    while True:
+        await asyncio.sleep(period)
+        claims, volumes = reconciler.cache.counts()
+        logger.info("resync: re-queueing %d claims and %d volumes", claims, volumes)
+        reconciler.resync()
