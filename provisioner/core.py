@@ -333,10 +333,11 @@ def decide_volume(volume: Volume, provisioner_name: str) -> VolumeDecision:
                 "left untouched; delete the PersistentVolume by hand when done",
             )
         return VolumeDecision(VolumeAction.IGNORE, f"reclaim policy {volume.reclaim_policy}")
-    if volume.deleting:
-        if has_finalizer:
-            return VolumeDecision(VolumeAction.CLEAN, "deleted while our finalizer is on it")
+    if volume.deleting and not has_finalizer:
         return VolumeDecision(VolumeAction.IGNORE, "being deleted and already cleaned")
+    # Only a Released volume is cleaned, also when the PV object was deleted first: while its
+    # claim is still bound a pod may be writing to the directory. Our finalizer keeps the PV
+    # until the claim lets go, then the directory gets the recorded policy (KEP-2644).
     if volume.phase == "Released":
         return VolumeDecision(VolumeAction.CLEAN, "released under reclaim policy Delete")
     return VolumeDecision(VolumeAction.IGNORE, f"phase {volume.phase or 'unknown'}")

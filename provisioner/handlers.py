@@ -28,6 +28,11 @@ def configure(settings: kopf.OperatorSettings) -> None:
 def register(registry: kopf.OperatorRegistry, reconciler: Reconciler) -> None:
     cache = reconciler.cache
 
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        # The same credentials as provisioner.kube: in-cluster token, else $KUBECONFIG.
+        return kopf.login_via_client(**kwargs)
+
     @kopf.on.event("persistentvolumeclaims", registry=registry)
     async def claim_event(type: str | None, body: kopf.Body, **_: Any) -> None:
         claim = core.claim_from(body)

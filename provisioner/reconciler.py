@@ -22,7 +22,7 @@ from provisioner.config import (
     Settings,
     parse_class_parameters,
 )
-from provisioner.kube import ApiError, Conflict, KubeApi, ObjectRef
+from provisioner.kube import ApiError, Conflict, KubeApi, NotFound, ObjectRef
 from provisioner.metrics import Metrics
 from provisioner.storage import DirOwner, Storage, StorageError
 from provisioner.workqueue import Backoff, WorkQueue
@@ -86,6 +86,9 @@ class Reconciler:
         # The last refusal posted per claim, so a resync does not repeat the same Warning.
         self._refused: dict[str, str] = {}
         self._volume_uids: dict[str, str] = {}
+        # Volumes released by this process whose DELETED event has not arrived yet: watch
+        # events still in flight would otherwise start a second, confusing release.
+        self._released: set[str] = set()
 
     # --- entry points ----------------------------------------------------------------------------
 
@@ -114,6 +117,7 @@ class Reconciler:
 
     def forget_volume(self, name: str) -> None:
         self._volume_uids.pop(name, None)
+        self._released.discard(name)
         self.queue.forget(f"{VOLUME}:{name}")
 
     async def reconcile(self, key: str) -> None:
@@ -311,7 +315,7 @@ class Reconciler:
 
     async def reconcile_volume(self, name: str) -> None:
         volume = self.cache.volume(name)
-        if volume is None:
+        if volume is None or name in self._released:
             return
         decision = core.decide_volume(volume, self.settings.provisioner_name)
         if decision.action is core.VolumeAction.IGNORE:
@@ -329,16 +333,17 @@ class Reconciler:
             self.metrics.delete_failed_total.labels(volume.storage_class).inc()
             await self._event(ref, "Warning", "VolumeFailedDelete", str(error))
             raise RetryLater(f"volume {name}: {error}") from error
+        await self._event(ref, "Normal", outcome.reason, outcome.message)
         if not volume.deleting:
             deleted = await self.kube.delete_volume(name)
             if deleted is not None:
                 volume = core.volume_from(deleted)
         await self._drop_finalizer(volume)
+        self._released.add(name)
         self.metrics.delete_total.labels(volume.storage_class).inc()
         self.metrics.delete_duration.labels(volume.storage_class).observe(
             time.monotonic() - started
         )
-        await self._event(ref, "Normal", outcome.reason, outcome.message)
         logger.info("volume %s: released: %s", name, outcome.message)
 
     async def _apply_on_delete(self, volume: core.Volume) -> core.ReleaseOutcome:
@@ -370,20 +375,24 @@ class Reconciler:
         )
 
     async def _drop_finalizer(self, volume: core.Volume) -> None:
-        if core.FINALIZER not in volume.finalizers:
-            return
-        remaining = [f for f in volume.finalizers if f != core.FINALIZER]
-        try:
-            await self.kube.set_volume_finalizers(volume.name, remaining, volume.resource_version)
-        except Conflict as error:
-            fresh = await self.kube.get_volume(volume.name)
-            if fresh is not None:
-                self.cache.put_volume(core.volume_from(fresh))
-            raise RetryLater(f"volume {volume.name}: changed while removing finalizer") from error
-        except ApiError as error:
-            if error.status == 404:
+        """Remove our finalizer with optimistic concurrency, re-reading after each conflict."""
+        for _attempt in range(5):
+            if core.FINALIZER not in volume.finalizers:
                 return
-            raise
+            remaining = [f for f in volume.finalizers if f != core.FINALIZER]
+            try:
+                await self.kube.set_volume_finalizers(
+                    volume.name, remaining, volume.resource_version
+                )
+                return
+            except NotFound:
+                return
+            except Conflict:
+                fresh = await self.kube.get_volume(volume.name)
+                if fresh is None:
+                    return
+                volume = core.volume_from(fresh)
+        raise RetryLater(f"volume {volume.name}: kept changing while removing our finalizer")
 
 
 def _backoff(settings: Settings) -> Backoff:

@@ -214,8 +214,13 @@ VOLUME = core.Volume(
         ),
         pytest.param(
             dataclasses.replace(VOLUME, phase="Bound", deleting=True),
+            core.VolumeAction.IGNORE,
+            id="pv-deleted-while-bound-waits",
+        ),
+        pytest.param(
+            dataclasses.replace(VOLUME, deleting=True),
             core.VolumeAction.CLEAN,
-            id="pv-deleted-first",
+            id="pv-deleted-first-then-released",
         ),
         pytest.param(
             dataclasses.replace(VOLUME, deleting=True, finalizers=()),

@@ -1,0 +1,267 @@
+"""Helpers for integration tests: the provisioner as a subprocess, kubectl as JSON, waiting.
+
+The provisioner runs as ``python -m provisioner`` under the ServiceAccount token from ``rbac/``
+(never as admin) with a temporary directory as the mounted export, so crash tests can SIGKILL
+it. Waiting is always polling with a deadline; nothing here asserts on speed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from tests.kubectl import kubectl
+
+REPO = Path(__file__).resolve().parents[2]
+NFS_SERVER = "nfs.example.test"
+NFS_PATH = "/exports"
+
+T = TypeVar("T")
+
+
+def wait_for(
+    what: str, probe: Callable[[], T | None], timeout: float = 90, interval: float = 0.2
+) -> T:
+    """Poll ``probe`` until it returns something truthy; fail naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what} (last: {last!r})")
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass
+class Kube:
+    """kubectl bound to one kubeconfig, returning parsed JSON."""
+
+    kubeconfig: Path
+
+    def run(self, *args: str, input: str | None = None, check: bool = True) -> str:
+        return kubectl(*args, kubeconfig=self.kubeconfig, input=input, check=check).stdout
+
+    def apply(self, manifest: str) -> None:
+        self.run("apply", "-f", "-", input=manifest)
+
+    def get(self, kind: str, name: str, namespace: str | None = None) -> dict[str, Any] | None:
+        args = ["get", kind, name, "-o", "json", "--ignore-not-found"]
+        if namespace:
+            args += ["-n", namespace]
+        out = self.run(*args)
+        return json.loads(out) if out.strip() else None
+
+    def items(self, kind: str, namespace: str | None = None) -> list[dict[str, Any]]:
+        args = ["get", kind, "-o", "json"]
+        args += ["-n", namespace] if namespace else ["-A"]
+        items: list[dict[str, Any]] = json.loads(self.run(*args))["items"]
+        return items
+
+    def events(self, namespace: str, name: str) -> list[dict[str, Any]]:
+        return [
+            e
+            for e in self.items("events", namespace)
+            if e.get("involvedObject", {}).get("name") == name
+        ]
+
+    def wait_event(self, namespace: str, name: str, reason: str, timeout: float = 60) -> str:
+        """The message of the first Event with ``reason`` on the object."""
+
+        def probe() -> str | None:
+            for event in self.events(namespace, name):
+                if event.get("reason") == reason:
+                    return str(event.get("message", ""))
+            return None
+
+        return wait_for(f"event {reason} on {namespace}/{name}", probe, timeout)
+
+    def phase(self, kind: str, name: str, namespace: str | None = None) -> str | None:
+        obj = self.get(kind, name, namespace)
+        return None if obj is None else obj.get("status", {}).get("phase")
+
+    def wait_phase(
+        self, kind: str, name: str, phase: str, namespace: str | None = None, timeout: float = 90
+    ) -> dict[str, Any]:
+        def probe() -> dict[str, Any] | None:
+            obj = self.get(kind, name, namespace)
+            return obj if obj and obj.get("status", {}).get("phase") == phase else None
+
+        return wait_for(f"{kind} {namespace or ''}/{name} to be {phase}", probe, timeout)
+
+    def wait_gone(
+        self, kind: str, name: str, namespace: str | None = None, timeout: float = 90
+    ) -> None:
+        wait_for(
+            f"{kind} {name} to be gone", lambda: self.get(kind, name, namespace) is None, timeout
+        )
+
+
+def storage_class(
+    name: str,
+    provisioner: str,
+    parameters: dict[str, str] | None = None,
+    reclaim_policy: str = "Delete",
+    default: bool = False,
+    mount_options: Iterable[str] = (),
+) -> str:
+    doc: dict[str, Any] = {
+        "apiVersion": "storage.k8s.io/v1",
+        "kind": "StorageClass",
+        "metadata": {"name": name},
+        "provisioner": provisioner,
+        "reclaimPolicy": reclaim_policy,
+        "parameters": parameters or {},
+    }
+    if default:
+        doc["metadata"]["annotations"] = {"storageclass.kubernetes.io/is-default-class": "true"}
+    if mount_options:
+        doc["mountOptions"] = list(mount_options)
+    return json.dumps(doc)
+
+
+def claim(
+    name: str,
+    namespace: str,
+    class_name: str | None,
+    size: str = "1Mi",
+    access_modes: Iterable[str] = ("ReadWriteMany",),
+    labels: dict[str, str] | None = None,
+    annotations: dict[str, str] | None = None,
+    extra_spec: dict[str, Any] | None = None,
+) -> str:
+    spec: dict[str, Any] = {
+        "accessModes": list(access_modes),
+        "resources": {"requests": {"storage": size}},
+        **(extra_spec or {}),
+    }
+    if class_name is not None:
+        spec["storageClassName"] = class_name
+    return json.dumps(
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "labels": labels or {},
+                "annotations": annotations or {},
+            },
+            "spec": spec,
+        }
+    )
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every path under ``root`` with its kind and content, to prove what did (not) change."""
+    result: dict[str, str] = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        if path.is_symlink():
+            result[rel] = f"link:{os.readlink(path)}"
+        elif path.is_dir():
+            result[rel] = f"dir:{oct(path.stat().st_mode & 0o7777)}"
+        else:
+            result[rel] = f"file:{path.read_bytes()[:64]!r}"
+    return result
+
+
+@dataclass
+class ProvisionerProcess:
+    """``python -m provisioner`` with a ServiceAccount kubeconfig and a temp export."""
+
+    kubeconfig: Path
+    name: str
+    export: Path
+    log_path: Path
+    extra_env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = None
+
+    def env(self) -> dict[str, str]:
+        env = {
+            key: value
+            for key, value in os.environ.items()
+            if not key.startswith(("KUBERNETES_", "NFS_", "PROVISIONER_"))
+        }
+        env.update(
+            {
+                "KUBECONFIG": str(self.kubeconfig),
+                "PROVISIONER_NAME": self.name,
+                "NFS_SERVER": NFS_SERVER,
+                "NFS_PATH": NFS_PATH,
+                "NFS_MOUNT_PATH": str(self.export),
+                "ENABLE_LEADER_ELECTION": "false",
+                "POD_NAMESPACE": "nfs-provisioner",
+                "HTTP_ADDRESS": "127.0.0.1:0",
+                "RESYNC_PERIOD": "30",
+                "FS_TIMEOUT": "5",
+                "RETRY_BACKOFF_BASE": "0.5",
+                "RETRY_BACKOFF_MAX": "5",
+                "LOG_LEVEL": "INFO",
+                "PYTHONUNBUFFERED": "1",
+                **self.extra_env,
+            }
+        )
+        return env
+
+    def start(self) -> ProvisionerProcess:
+        self.export.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "provisioner"],
+            cwd=REPO,
+            env=self.env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        wait_for(
+            f"provisioner {self.name} to start watching",
+            lambda: self.started() or self._died(),
+            timeout=60,
+        )
+        return self
+
+    def started(self) -> bool:
+        return "starting as" in self.logs()
+
+    def _died(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            raise AssertionError(
+                f"provisioner exited with {self.process.returncode}:\n{self.logs()[-3000:]}"
+            )
+        return False
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill(self) -> None:
+        """SIGKILL: the crash tests' way of stopping mid-work."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=30)
+
+    def stop(self) -> int | None:
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=30)
+        return self.process.returncode

@@ -1,0 +1,357 @@
+"""SPEC §11, provisioning rows: each bad input gets a clear answer and nothing is created.
+
+Every case checks the message the user sees (the Event or the exit line) and that the export is
+exactly as it was (a snapshot of every path in it) and that no PersistentVolume was written.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from provisioner.storage import FaultRule, write_fault_rules
+from tests.integration.conftest import StartProvisioner
+from tests.integration.harness import (
+    REPO,
+    Kube,
+    ProvisionerProcess,
+    claim,
+    snapshot,
+    storage_class,
+    unique,
+    wait_for,
+)
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass
+class Shared:
+    process: ProvisionerProcess
+    export: Path
+
+
+@pytest.fixture(scope="module")
+def shared(sa_kubeconfig: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
+    """One provisioner for the refusal cases; each case has its own class and namespace."""
+    root = tmp_path_factory.mktemp("bad-input")
+    export = root / "export"
+    (export / "outside-marker").mkdir(parents=True)
+    (export / "outside-marker" / "keep.txt").write_text("untouched")
+    process = ProvisionerProcess(
+        kubeconfig=sa_kubeconfig,
+        name=f"test.nfs.io/{unique('bad')}",
+        export=export,
+        log_path=root / "provisioner.log",
+    ).start()
+    yield Shared(process, export)
+    process.stop()
+    print(f"--- provisioner log ---\n{process.logs()[-20000:]}")
+
+
+REFUSALS = [
+    pytest.param(
+        {},
+        {"selector": {"matchLabels": {"tier": "db"}}},
+        "sets spec.selector, which dynamic provisioning does not support",
+        id="selector",
+    ),
+    pytest.param({}, {"volumeMode": "Block"}, 'asks for volumeMode "Block"', id="block"),
+    pytest.param(
+        {},
+        {"dataSource": {"kind": "PersistentVolumeClaim", "name": "source"}},
+        "sets a data source (PersistentVolumeClaim/source); cloning and restoring are not",
+        id="data-source",
+    ),
+    pytest.param(
+        {"archiveOnDelte": "false"},
+        {},
+        'unknown parameter "archiveOnDelte"; accepted parameters are: pathPattern',
+        id="unknown-parameter",
+    ),
+    pytest.param(
+        {"onDelete": "shred"},
+        {},
+        'parameter onDelete="shred" is invalid: expected delete, retain or archive',
+        id="malformed-parameter",
+    ),
+    pytest.param(
+        {"pathPattern": "${.PVC.annotations.dir}"},
+        {"annotations": {"dir": "../../etc"}},
+        'rendered "../../etc", which is unsafe',
+        id="pattern-dotdot",
+    ),
+    pytest.param(
+        {"pathPattern": "/${.PVC.name}"},
+        {},
+        "which is unsafe",
+        id="pattern-absolute",
+    ),
+    pytest.param(
+        {"pathPattern": "${.PVC.labels.missing}"},
+        {},
+        'rendered "", which is unsafe',
+        id="pattern-empty",
+    ),
+    pytest.param(
+        {"pathPattern": "${.PVC.annotations.dir}"},
+        {"annotations": {"dir": "."}},
+        'rendered ".", which is unsafe',
+        id="pattern-dot",
+    ),
+    pytest.param(
+        {"pathPattern": "${.PVC.annotations.dir}"},
+        {"annotations": {"dir": "x" * 300}},
+        "which is unsafe",
+        id="pattern-too-long",
+    ),
+]
+
+
+@pytest.mark.parametrize(("parameters", "claim_changes", "message"), REFUSALS)
+def test_refused_claim_gets_an_event_and_nothing_is_created(
+    admin: Kube,
+    shared: Shared,
+    namespace: str,
+    parameters: dict[str, str],
+    claim_changes: dict[str, Any],
+    message: str,
+) -> None:
+    before = snapshot(shared.export)
+    class_name = unique("refuse")
+    admin.apply(storage_class(class_name, shared.process.name, parameters))
+    annotations = claim_changes.pop("annotations", None)
+    admin.apply(
+        claim("bad", namespace, class_name, annotations=annotations, extra_spec=claim_changes)
+    )
+    try:
+        event = admin.wait_event(namespace, "bad", "ProvisioningFailed")
+        assert message in event
+        assert f"{namespace}/bad" in event or class_name in event  # names the object
+        pvc = admin.get("pvc", "bad", namespace)
+        assert pvc is not None
+        assert pvc["status"]["phase"] == "Pending"
+        assert admin.get("pv", f"pvc-{pvc['metadata']['uid']}") is None
+        assert snapshot(shared.export) == before
+        failures = [
+            e for e in admin.events(namespace, "bad") if e["reason"] == "ProvisioningFailed"
+        ]
+        assert len(failures) == 1, "a refusal is reported once, not on every resync"
+    finally:
+        admin.run("delete", "storageclass", class_name)
+
+
+def test_two_claims_rendering_one_directory_second_is_refused(
+    admin: Kube, shared: Shared, namespace: str
+) -> None:
+    class_name = unique("same")
+    admin.apply(
+        storage_class(class_name, shared.process.name, {"pathPattern": "${.PVC.namespace}/shared"})
+    )
+    try:
+        admin.apply(claim("first", namespace, class_name))
+        first = admin.wait_phase("pvc", "first", "Bound", namespace)
+        (shared.export / namespace / "shared" / "data.txt").write_text("first's data")
+        before = snapshot(shared.export)
+        admin.apply(claim("second", namespace, class_name))
+        event = admin.wait_event(namespace, "second", "ProvisioningFailed")
+        assert f'directory "{namespace}/shared" is already used by PersistentVolume' in event
+        assert first["spec"]["volumeName"] in event
+        assert admin.phase("pvc", "second", namespace) == "Pending"
+        assert snapshot(shared.export) == before
+    finally:
+        admin.run("delete", "storageclass", class_name)
+
+
+def test_hung_filesystem_call_fails_the_attempt_and_others_continue(
+    admin: Kube, provisioner: StartProvisioner, namespace: str, tmp_path: Path
+) -> None:
+    faults = tmp_path / "faults.json"
+    write_fault_rules(faults, [FaultRule(op="mkdir", match="-stuck-", effect="hang")])
+    process = provisioner(NFS_PROVISIONER_UNSAFE_FAULTS_FILE=str(faults), FS_TIMEOUT="1")
+    class_name = unique("hang")
+    admin.apply(storage_class(class_name, process.name))
+    try:
+        admin.apply(claim("stuck", namespace, class_name))
+        admin.apply(claim("fine", namespace, class_name))
+        event = admin.wait_event(namespace, "stuck", "ProvisioningFailed")
+        assert "did not finish within 1 s; the NFS mount may be hung" in event
+        admin.wait_phase("pvc", "fine", "Bound", namespace)
+        assert admin.phase("pvc", "stuck", namespace) == "Pending"
+        # The mount recovers: the retry (with backoff) provisions the claim.
+        write_fault_rules(faults, [])
+        admin.wait_phase("pvc", "stuck", "Bound", namespace, timeout=120)
+    finally:
+        admin.run("delete", "storageclass", class_name)
+
+
+def test_failing_filesystem_call_names_the_cause_and_a_hint(
+    admin: Kube, provisioner: StartProvisioner, namespace: str, tmp_path: Path
+) -> None:
+    faults = tmp_path / "faults.json"
+    write_fault_rules(faults, [FaultRule(op="mkdir", match="-denied-", errno="EACCES")])
+    process = provisioner(NFS_PROVISIONER_UNSAFE_FAULTS_FILE=str(faults))
+    class_name = unique("eacces")
+    admin.apply(storage_class(class_name, process.name))
+    try:
+        admin.apply(claim("denied", namespace, class_name))
+        event = admin.wait_event(namespace, "denied", "ProvisioningFailed")
+        assert "Permission denied" in event or "permission denied" in event
+        assert "root_squash" in event
+        assert not any((tmp_path / "export").iterdir())
+    finally:
+        admin.run("delete", "storageclass", class_name)
+
+
+# --- process configuration and preflight ------------------------------------------------------
+
+
+def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("NFS_", "PROVISIONER_"))}
+    return subprocess.run(
+        [sys.executable, "-m", "provisioner", *args],
+        cwd=REPO,
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "line"),
+    [
+        pytest.param(
+            {"PROVISIONER_NAME": "a.io/b", "NFS_SERVER": "nas"},
+            "nfs-provisioner: NFS_PATH is not set; set it to the exported directory, e.g. /exports",
+            id="missing",
+        ),
+        pytest.param(
+            {
+                "PROVISIONER_NAME": "a.io/b",
+                "NFS_SERVER": "nas",
+                "NFS_PATH": "/x",
+                "WORKERS": "many",
+            },
+            'nfs-provisioner: WORKERS="many" is invalid; expected a positive whole number',
+            id="invalid",
+        ),
+    ],
+)
+def test_bad_environment_exits_1_with_one_line(env: dict[str, str], line: str) -> None:
+    result = run_cli(env=env)
+    assert result.returncode == 1
+    assert result.stderr.strip() == line
+
+
+def test_check_reports_a_missing_mount(sa_kubeconfig: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "not-mounted"
+    result = run_cli(
+        "check",
+        env={
+            "KUBECONFIG": str(sa_kubeconfig),
+            "PROVISIONER_NAME": "a.io/b",
+            "NFS_SERVER": "nas",
+            "NFS_PATH": "/exports",
+            "NFS_MOUNT_PATH": str(missing),
+            "POD_NAMESPACE": "nfs-provisioner",
+        },
+    )
+    assert result.returncode == 1
+    assert f"export mount {missing}" in result.stdout
+    assert "FAILED" in result.stdout
+    assert not missing.exists()
+
+
+def test_check_reports_an_unwritable_mount(sa_kubeconfig: Path, tmp_path: Path) -> None:
+    export = tmp_path / "export"
+    export.mkdir()
+    faults = tmp_path / "faults.json"
+    write_fault_rules(faults, [FaultRule(op="write_probe", errno="EACCES")])
+    result = run_cli(
+        "check",
+        env={
+            "KUBECONFIG": str(sa_kubeconfig),
+            "PROVISIONER_NAME": "a.io/b",
+            "NFS_SERVER": "nas",
+            "NFS_PATH": "/exports",
+            "NFS_MOUNT_PATH": str(export),
+            "POD_NAMESPACE": "nfs-provisioner",
+            "NFS_PROVISIONER_UNSAFE_FAULTS_FILE": str(faults),
+        },
+    )
+    assert result.returncode == 1
+    assert f"export mount {export}" in result.stdout
+    assert "root_squash" in result.stdout
+    assert list(export.iterdir()) == []
+
+
+def test_check_lists_a_missing_rbac_rule_ready_to_paste(
+    admin: Kube, control_plane: Any, tmp_path: Path
+) -> None:
+    """A ServiceAccount whose ClusterRole lacks `persistentvolumes patch`: exactly that rule."""
+    name = unique("partial")
+    rules = (REPO / "rbac" / "clusterrole.yaml").read_text()
+    assert '"create", "delete", "patch"]' in rules
+    partial = rules.replace('"create", "delete", "patch"]', '"create", "delete"]')
+    partial = partial.replace("nfs-provisioner-runner", name).replace("run-nfs-provisioner", name)
+    partial = partial.replace("name: nfs-provisioner\n", f"name: {name}\n")
+    admin.run("create", "serviceaccount", name, "-n", "nfs-provisioner")
+    admin.apply(partial)
+    try:
+        kubeconfig = control_plane.service_account_kubeconfig(
+            "nfs-provisioner", name, tmp_path / "kubeconfig"
+        )
+        export = tmp_path / "export"
+        export.mkdir()
+        result = run_cli(
+            "check",
+            env={
+                "KUBECONFIG": str(kubeconfig),
+                "PROVISIONER_NAME": "a.io/b",
+                "NFS_SERVER": "nas",
+                "NFS_PATH": "/exports",
+                "NFS_MOUNT_PATH": str(export),
+                "POD_NAMESPACE": "nfs-provisioner",
+                "ENABLE_LEADER_ELECTION": "false",
+            },
+        )
+        assert result.returncode == 1, result.stdout
+        expected = (
+            "  # ClusterRole\n"
+            '  - apiGroups: [""]\n'
+            '    resources: ["persistentvolumes"]\n'
+            '    verbs: ["patch"]'
+        )
+        assert expected in result.stdout
+        assert result.stdout.count("apiGroups") == 1
+    finally:
+        admin.run("delete", "clusterrole,clusterrolebinding", name, check=False)
+        admin.run("delete", "serviceaccount", name, "-n", "nfs-provisioner", check=False)
+
+
+def test_check_passes_with_the_shipped_rbac(sa_kubeconfig: Path, tmp_path: Path) -> None:
+    export = tmp_path / "export"
+    export.mkdir()
+    result = run_cli(
+        "check",
+        env={
+            "KUBECONFIG": str(sa_kubeconfig),
+            "PROVISIONER_NAME": "a.io/b",
+            "NFS_SERVER": "nas",
+            "NFS_PATH": "/exports",
+            "NFS_MOUNT_PATH": str(export),
+            "POD_NAMESPACE": "nfs-provisioner",
+        },
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "every RBAC permission the provisioner needs is granted" in result.stdout
+    wait_for("probe file removed", lambda: list(export.iterdir()) == [], timeout=5)

@@ -1,0 +1,438 @@
+"""Releasing volumes against the real control plane (SPEC §6 and the delete rows of §11).
+
+Each case provisions a claim, writes `SUCCESS` into its directory as the seeds' test-pod would,
+deletes the claim with kubectl, and checks the directory's fate, the archive's contents, that
+the PV is gone (or kept) and that no finalizer of ours is left behind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from provisioner.storage import FaultRule, write_fault_rules
+from tests.integration.conftest import StartProvisioner
+from tests.integration.harness import (
+    Kube,
+    ProvisionerProcess,
+    claim,
+    snapshot,
+    storage_class,
+    unique,
+    wait_for,
+)
+
+pytestmark = pytest.mark.integration
+
+FINALIZER = "external-provisioner.volume.kubernetes.io/finalizer"
+
+
+@dataclass
+class Provisioned:
+    name: str
+    namespace: str
+    volume: str
+    directory: Path
+
+
+def provision(
+    admin: Kube, namespace: str, class_name: str, export: Path, name: str = "data", **kw: Any
+) -> Provisioned:
+    admin.apply(claim(name, namespace, class_name, **kw))
+    pvc = admin.wait_phase("pvc", name, "Bound", namespace)
+    volume = pvc["spec"]["volumeName"]
+    pv = admin.get("pv", volume)
+    assert pv is not None
+    directory = export / pv["metadata"]["annotations"]["nfs.provisioner.dev/directory"]
+    assert directory.is_dir()
+    (directory / "SUCCESS").write_text(f"{namespace}/{name}")
+    return Provisioned(name, namespace, volume, directory)
+
+
+def delete_claim(admin: Kube, p: Provisioned) -> None:
+    admin.run("delete", "pvc", p.name, "-n", p.namespace, "--wait=false")
+
+
+def pv_events(admin: Kube, volume: str) -> list[dict[str, Any]]:
+    return [e for e in admin.items("events") if e.get("involvedObject", {}).get("name") == volume]
+
+
+def wait_pv_event(admin: Kube, volume: str, reason: str, timeout: float = 60) -> str:
+    def probe() -> str | None:
+        for event in pv_events(admin, volume):
+            if event["reason"] == reason:
+                return str(event["message"])
+        return None
+
+    return wait_for(f"{reason} on PV {volume}", probe, timeout)
+
+
+@pytest.fixture
+def setup(
+    admin: Kube, provisioner: StartProvisioner, tmp_path: Path
+) -> tuple[ProvisionerProcess, Path]:
+    return provisioner(), tmp_path / "export"
+
+
+@pytest.mark.parametrize(
+    ("parameters", "fate"),
+    [
+        pytest.param({"onDelete": "delete"}, "removed", id="onDelete-delete"),
+        pytest.param({"onDelete": "retain"}, "kept", id="onDelete-retain"),
+        pytest.param({"onDelete": "archive"}, "archived", id="onDelete-archive"),
+        pytest.param({"archiveOnDelete": "false"}, "removed", id="archiveOnDelete-false"),
+        pytest.param({"archiveOnDelete": "true"}, "archived", id="archiveOnDelete-true"),
+        pytest.param({}, "archived", id="archiveOnDelete-absent"),
+        pytest.param(
+            {"onDelete": "Delete", "archiveOnDelete": "true"}, "removed", id="onDelete-wins"
+        ),
+    ],
+)
+def test_on_delete_table(
+    admin: Kube,
+    setup: tuple[ProvisionerProcess, Path],
+    namespace: str,
+    parameters: dict[str, str],
+    fate: str,
+) -> None:
+    process, export = setup
+    class_name = unique("release")
+    admin.apply(storage_class(class_name, process.name, parameters))
+    try:
+        p = provision(admin, namespace, class_name, export)
+        delete_claim(admin, p)
+        admin.wait_gone("pv", p.volume)
+        archive = p.directory.parent / f"archived-{p.directory.name}"
+        if fate == "removed":
+            assert not p.directory.exists()
+            assert not archive.exists()
+            assert "deleted" in wait_pv_event(admin, p.volume, "VolumeDeleted")
+        elif fate == "kept":
+            assert (p.directory / "SUCCESS").read_text() == f"{namespace}/data"
+            assert "kept" in wait_pv_event(admin, p.volume, "VolumeRetained")
+        else:
+            assert not p.directory.exists()
+            assert (archive / "SUCCESS").read_text() == f"{namespace}/data"
+            message = wait_pv_event(admin, p.volume, "VolumeArchived")
+            assert f'archived as "{archive.name}"' in message
+        assert sorted(export.iterdir()) == sorted(
+            {"removed": [], "kept": [p.directory], "archived": [archive]}[fate]
+        )
+    finally:
+        admin.run("delete", "storageclass", class_name)
+
+
+def test_pv_deleted_first_is_cleaned_when_its_claim_lets_go(
+    admin: Kube, setup: tuple[ProvisionerProcess, Path], namespace: str
+) -> None:
+    process, export = setup
+    class_name = unique("pvfirst")
+    admin.apply(storage_class(class_name, process.name, {"onDelete": "delete"}))
+    try:
+        p = provision(admin, namespace, class_name, export)
+        admin.run("delete", "pv", p.volume, "--wait=false")
+        pv = wait_for(
+            "the PV to be Terminating",
+            lambda: (
+                (o := admin.get("pv", p.volume)) and o["metadata"].get("deletionTimestamp") and o
+            ),
+        )
+        assert FINALIZER in pv["metadata"]["finalizers"]
+        # Bound: a pod may still write to it, so the directory stays until the claim goes.
+        assert (p.directory / "SUCCESS").exists()
+        delete_claim(admin, p)
+        admin.wait_gone("pv", p.volume)
+        assert not p.directory.exists()
+    finally:
+        admin.run("delete", "storageclass", class_name)
+
+
+def test_retain_touches_nothing_and_leaves_no_finalizer(
+    admin: Kube, setup: tuple[ProvisionerProcess, Path], namespace: str
+) -> None:
+    process, export = setup
+    class_name = unique("retain")
+    admin.apply(
+        storage_class(class_name, process.name, {"onDelete": "delete"}, reclaim_policy="Retain")
+    )
+    try:
+        p = provision(admin, namespace, class_name, export)
+        delete_claim(admin, p)
+        pv = admin.wait_phase("pv", p.volume, "Released")
+        assert FINALIZER not in pv["metadata"].get("finalizers", [])
+        assert (p.directory / "SUCCESS").exists()
+        admin.run("delete", "pv", p.volume)  # the admin deletes it by hand
+        admin.wait_gone("pv", p.volume)
+        assert (p.directory / "SUCCESS").exists()
+    finally:
+        admin.run("delete", "storageclass", class_name)
+
+
+def test_admin_switching_a_pv_to_retain_wins_over_the_recorded_policy(
+    admin: Kube, setup: tuple[ProvisionerProcess, Path], namespace: str
+) -> None:
+    process, export = setup
+    class_name = unique("switch")
+    admin.apply(storage_class(class_name, process.name, {"onDelete": "delete"}))
+    try:
+        p = provision(admin, namespace, class_name, export)
+        admin.run(
+            "patch", "pv", p.volume, "-p", '{"spec":{"persistentVolumeReclaimPolicy":"Retain"}}'
+        )
+        delete_claim(admin, p)
+        admin.wait_phase("pv", p.volume, "Released")
+        message = wait_pv_event(admin, p.volume, "VolumeRetained")
+        assert "Reclaim policy is Retain" in message
+        wait_for(
+            "our finalizer to be removed",
+            lambda: (
+                FINALIZER not in (admin.get("pv", p.volume) or {})["metadata"].get("finalizers", [])
+            ),
+        )
+        assert (p.directory / "SUCCESS").exists()
+        admin.run("delete", "pv", p.volume)
+        admin.wait_gone("pv", p.volume)
+    finally:
+        admin.run("delete", "storageclass", class_name)
+
+
+def test_archive_name_collision_gets_a_suffix(
+    admin: Kube, setup: tuple[ProvisionerProcess, Path], namespace: str
+) -> None:
+    process, export = setup
+    class_name = unique("gen")
+    admin.apply(
+        storage_class(class_name, process.name, {"pathPattern": "${.PVC.namespace}-${.PVC.name}"})
+    )
+    try:
+        for generation in (1, 2):
+            p = provision(admin, namespace, class_name, export, name="gen")
+            (p.directory / "generation").write_text(str(generation))
+            delete_claim(admin, p)
+            admin.wait_gone("pv", p.volume)
+            admin.wait_gone("pvc", "gen", namespace)
+        first = export / f"archived-{namespace}-gen"
+        second = export / f"archived-{namespace}-gen-2"
+        assert (first / "generation").read_text() == "1"
+        assert (second / "generation").read_text() == "2"
+        assert not (export / f"{namespace}-gen").exists()
+    finally:
+        admin.run("delete", "storageclass", class_name)
+
+
+@pytest.mark.parametrize("policy", ["delete", "archive"])
+def test_nested_path_pattern_is_released_in_place_and_parents_stay(
+    admin: Kube, setup: tuple[ProvisionerProcess, Path], namespace: str, policy: str
+) -> None:
+    process, export = setup
+    class_name = unique("nested")
+    admin.apply(
+        storage_class(
+            class_name,
+            process.name,
+            {"pathPattern": "${.PVC.namespace}/${.PVC.name}", "onDelete": policy},
+        )
+    )
+    try:
+        p = provision(admin, namespace, class_name, export)
+        assert p.directory == export / namespace / "data"
+        delete_claim(admin, p)
+        admin.wait_gone("pv", p.volume)
+        assert not p.directory.exists()
+        expected = ["archived-data"] if policy == "archive" else []
+        assert sorted(x.name for x in (export / namespace).iterdir()) == expected
+    finally:
+        admin.run("delete", "storageclass", class_name)
+
+
+@pytest.mark.parametrize("recorded", ["../..", ".", "/etc"])
+def test_edited_pv_annotation_is_refused_and_nothing_moves(
+    admin: Kube, setup: tuple[ProvisionerProcess, Path], namespace: str, recorded: str
+) -> None:
+    process, export = setup
+    class_name = unique("tamper")
+    admin.apply(storage_class(class_name, process.name, {"onDelete": "delete"}))
+    try:
+        p = provision(admin, namespace, class_name, export)
+        admin.run(
+            "annotate", "pv", p.volume, "--overwrite", f"nfs.provisioner.dev/directory={recorded}"
+        )
+        before = snapshot(export)
+        delete_claim(admin, p)
+        message = wait_pv_event(admin, p.volume, "VolumeFailedDelete")
+        assert f'recorded directory "{recorded}" is unsafe' in message
+        assert p.volume in message
+        assert snapshot(export) == before
+        assert admin.get("pv", p.volume) is not None
+        # Repairing the record lets the retry (with backoff) finish the release.
+        admin.run(
+            "annotate",
+            "pv",
+            p.volume,
+            "--overwrite",
+            f"nfs.provisioner.dev/directory={p.directory.name}",
+        )
+        admin.wait_gone("pv", p.volume)
+        assert not p.directory.exists()
+    finally:
+        admin.run("delete", "storageclass", class_name)
+
+
+def test_deleted_storage_class_still_gets_the_recorded_policy(
+    admin: Kube, setup: tuple[ProvisionerProcess, Path], namespace: str
+) -> None:
+    process, export = setup
+    class_name = unique("gone")
+    admin.apply(storage_class(class_name, process.name, {"onDelete": "delete"}))
+    p = provision(admin, namespace, class_name, export)
+    admin.run("delete", "storageclass", class_name)
+    delete_claim(admin, p)
+    admin.wait_gone("pv", p.volume)
+    assert not p.directory.exists()
+    assert not any(export.iterdir())
+
+
+def test_missing_directory_is_success_with_a_warning(
+    admin: Kube, setup: tuple[ProvisionerProcess, Path], namespace: str
+) -> None:
+    process, export = setup
+    class_name = unique("vanished")
+    admin.apply(storage_class(class_name, process.name, {"onDelete": "archive"}))
+    try:
+        p = provision(admin, namespace, class_name, export)
+        (p.directory / "SUCCESS").unlink()
+        p.directory.rmdir()
+        delete_claim(admin, p)
+        admin.wait_gone("pv", p.volume)
+        assert "already missing" in wait_pv_event(admin, p.volume, "VolumeArchived")
+        assert not any(export.iterdir())
+        assert "was already missing" in process.logs()
+    finally:
+        admin.run("delete", "storageclass", class_name)
+
+
+@pytest.mark.parametrize(
+    ("effect", "expected"),
+    [
+        pytest.param("error", "root_squash", id="failing"),
+        pytest.param("hang", "the NFS mount may be hung", id="hanging"),
+    ],
+)
+def test_failing_remove_reports_and_other_volumes_complete(
+    admin: Kube,
+    provisioner: StartProvisioner,
+    namespace: str,
+    tmp_path: Path,
+    effect: str,
+    expected: str,
+) -> None:
+    faults = tmp_path / "faults.json"
+    write_fault_rules(
+        faults,
+        [FaultRule(op="rmtree", match="-blocked-", effect=effect, errno="EACCES")],  # type: ignore[arg-type]
+    )
+    process = provisioner(NFS_PROVISIONER_UNSAFE_FAULTS_FILE=str(faults), FS_TIMEOUT="1")
+    export = tmp_path / "export"
+    class_name = unique("faulty")
+    admin.apply(storage_class(class_name, process.name, {"onDelete": "delete"}))
+    try:
+        blocked = provision(admin, namespace, class_name, export, name="blocked")
+        fine = provision(admin, namespace, class_name, export, name="fine")
+        delete_claim(admin, blocked)
+        delete_claim(admin, fine)
+        message = wait_pv_event(admin, blocked.volume, "VolumeFailedDelete")
+        assert expected in message
+        admin.wait_gone("pv", fine.volume)
+        assert not fine.directory.exists()
+        assert (blocked.directory / "SUCCESS").exists()
+        assert admin.get("pv", blocked.volume) is not None
+        write_fault_rules(faults, [])  # the export recovers; the retry finishes the job
+        admin.wait_gone("pv", blocked.volume, timeout=120)
+        assert not blocked.directory.exists()
+    finally:
+        admin.run("delete", "storageclass", class_name)
+
+
+def test_statefulset_style_claims_are_created_and_released(
+    admin: Kube, setup: tuple[ProvisionerProcess, Path], namespace: str
+) -> None:
+    process, export = setup
+    class_name = unique("sts")
+    admin.apply(storage_class(class_name, process.name, {"archiveOnDelete": "false"}))
+    try:
+        claims = [
+            provision(
+                admin, namespace, class_name, export, name=f"data-web-{i}", labels={"app": "web"}
+            )
+            for i in range(2)
+        ]
+        assert sorted(c.directory.name for c in claims) == sorted(
+            f"{namespace}-data-web-{i}-{c.volume}" for i, c in enumerate(claims)
+        )
+        admin.run("delete", "pvc", "-l", "app=web", "-n", namespace, "--wait=false")
+        for c in claims:
+            admin.wait_gone("pv", c.volume)
+        assert not any(export.iterdir())
+    finally:
+        admin.run("delete", "storageclass", class_name)
+
+
+def test_crash_mid_batch_of_releases_converges(
+    admin: Kube, provisioner: StartProvisioner, namespace: str, tmp_path: Path
+) -> None:
+    export = tmp_path / "export"
+    process = provisioner()
+    delete_class, archive_class = unique("crash-del"), unique("crash-arc")
+    admin.apply(storage_class(delete_class, process.name, {"onDelete": "delete"}))
+    admin.apply(storage_class(archive_class, process.name, {"onDelete": "archive"}))
+    try:
+        names = [f"r{i:02d}" for i in range(20)]
+        admin.apply(
+            "\n---\n".join(
+                claim(n, namespace, delete_class if i % 2 else archive_class)
+                for i, n in enumerate(names)
+            )
+        )
+
+        def all_bound() -> list[dict[str, Any]] | None:
+            items = admin.items("pvc", namespace)
+            bound = [c for c in items if c.get("status", {}).get("phase") == "Bound"]
+            return bound if len(bound) == len(names) else None
+
+        bound = wait_for("claims Bound", all_bound, timeout=120)
+        process.stop()
+        # Slow the next run down so that the kill lands in the middle of the releases.
+        slow = provisioner(
+            name=process.name, export=export, WORKERS="1", KUBE_API_QPS="4", KUBE_API_BURST="4"
+        )
+        admin.run("delete", "pvc", "--all", "-n", namespace, "--wait=false")
+        wait_for(
+            "the first release",
+            lambda: (
+                any(p.name.startswith("archived-") for p in export.iterdir())
+                or len(list(export.iterdir())) < len(names)
+            ),
+            timeout=60,
+            interval=0.02,
+        )
+        slow.kill()
+        remaining = [
+            pv
+            for pv in admin.items("pv")
+            if pv["spec"].get("storageClassName") in (delete_class, archive_class)
+        ]
+        assert remaining, "the kill came after every release; nothing was tested"
+        provisioner(name=process.name, export=export)
+        for c in bound:
+            admin.wait_gone("pv", c["spec"]["volumeName"], timeout=120)
+        expected = sorted(
+            f"archived-{namespace}-{c['metadata']['name']}-{c['spec']['volumeName']}"
+            for c in bound
+            if c["spec"]["storageClassName"] == archive_class
+        )
+        assert sorted(p.name for p in export.iterdir()) == expected
+    finally:
+        admin.run("delete", "storageclass", delete_class, archive_class)
