@@ -19,7 +19,9 @@ import kopf
 from provisioner import handlers
 from provisioner.cache import Cache
 from provisioner.config import Settings
-from provisioner.kube import KubeApi, load_api_client
+from provisioner.httpserver import Readiness, make_app, serve
+from provisioner.kube import KubeApi, ObjectRef, load_api_client
+from provisioner.leader import LeaderElector, LeadershipLost, make_lock
 from provisioner.metrics import Metrics
 from provisioner.reconciler import Identity, Reconciler, resync_forever
 from provisioner.storage import FaultInjectingFilesystem, Filesystem, LocalFilesystem, Storage
@@ -31,7 +33,7 @@ FAULTS_ENV = "NFS_PROVISIONER_UNSAFE_FAULTS_FILE"
 it in production; the name says so, like local-path-provisioner's ``unsafe`` options."""
 
 
-def make_identity(provisioner_name: str) -> str:
+def make_identity() -> str:
     """``<hostname>_<random>``, as client-go's leader election and the upstream library use."""
     return f"{socket.gethostname()}_{secrets.token_hex(8)}"
 
@@ -51,7 +53,7 @@ class Provisioner:
 
     def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         self.settings = settings
-        self.identity = make_identity(settings.provisioner_name)
+        self.identity = make_identity()
         self.metrics = metrics or Metrics()
         self.kube = KubeApi(
             load_api_client(pool_size=settings.workers + 8),
@@ -79,18 +81,73 @@ class Provisioner:
         )
         self.registry = kopf.OperatorRegistry()
         handlers.register(self.registry, self.reconciler)
+        self.readiness = Readiness(self.storage.check_writable)
+        self.exit_code = 0
+        # Election traffic has its own client and pace, so a busy reconciler never delays a
+        # renewal past the renew deadline.
+        self.election_kube: KubeApi | None = None
+        self.elector: LeaderElector | None = None
+        if settings.leader_election:
+            self.election_kube = KubeApi(
+                load_api_client(pool_size=2), qps=10, burst=10, threads=2, timeout=5
+            )
+            self.elector = LeaderElector(
+                make_lock(self.election_kube, settings),
+                self.identity,
+                settings,
+                announce=self._announce,
+                on_change=lambda leading: self.metrics.leader.set(1 if leading else 0),
+            )
+
+    async def _announce(self, ref: ObjectRef, message: str) -> None:
+        assert self.election_kube is not None
+        await self.election_kube.post_event(
+            ref, "Normal", "LeaderElection", message, self.reconciler.identity.component
+        )
+
+    async def _lead(self) -> None:
+        """What only the leader does: reconcile, from watch events and the periodic resync."""
+        self.reconciler.resync()  # everything the cache gathered while standing by
+        await asyncio.gather(
+            self.reconciler.queue.run(),
+            resync_forever(self.reconciler, self.settings.resync_period),
+        )
+
+    async def _elect(self, stop: asyncio.Event) -> None:
+        if self.elector is None:
+            self.metrics.leader.set(1)
+            await self._lead()
+            return
+        try:
+            await self.elector.run(self._lead)
+        except LeadershipLost as error:
+            logger.error("leader election: %s; exiting so that the pod restarts", error)
+            self.exit_code = 1
+            stop.set()
+
+    async def _watch_ready(self, ready: asyncio.Event) -> None:
+        await ready.wait()
+        self.readiness.watching = True
+
+    def _before_scrape(self) -> None:
+        claims, volumes = self.cache.counts()
+        self.metrics.watched.labels("claim").set(claims)
+        self.metrics.watched.labels("volume").set(volumes)
+        self.metrics.queue_depth.set(self.reconciler.queue.depth)
 
     async def run(self) -> int:
         kopf_settings = kopf.OperatorSettings()
         handlers.configure(kopf_settings)
-        tasks: list[asyncio.Task[None]] = []
-        self.metrics.leader.set(1)
-        tasks.append(asyncio.create_task(self.reconciler.queue.run(), name="workers"))
-        tasks.append(
-            asyncio.create_task(
-                resync_forever(self.reconciler, self.settings.resync_period), name="resync"
-            )
+        stop, ready = asyncio.Event(), asyncio.Event()
+        http = await serve(
+            make_app(self.metrics, self.readiness, self._before_scrape),
+            self.settings.http_host,
+            self.settings.http_port,
         )
+        tasks = [
+            asyncio.create_task(self._elect(stop), name="election"),
+            asyncio.create_task(self._watch_ready(ready), name="readiness"),
+        ]
         logger.info(
             "provisioner %s starting as %s: export %s:%s mounted at %s",
             self.settings.provisioner_name,
@@ -105,6 +162,8 @@ class Provisioner:
                 settings=kopf_settings,
                 standalone=True,
                 clusterwide=True,
+                stop_flag=stop,
+                ready_flag=ready,
             )
         finally:
             for task in tasks:
@@ -112,6 +171,11 @@ class Provisioner:
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+            if self.elector is not None:
+                await self.elector.release()
+            await http.cleanup()
             self.storage.close()
             self.kube.close()
-        return 0
+            if self.election_kube is not None:
+                self.election_kube.close()
+        return self.exit_code

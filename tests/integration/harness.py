@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -229,14 +232,28 @@ class ProvisionerProcess:
         )
         log.close()
         wait_for(
-            f"provisioner {self.name} to start watching",
-            lambda: self.started() or self._died(),
+            f"provisioner {self.name} to be ready",
+            lambda: self.ready() or self._died(),
             timeout=60,
         )
         return self
 
-    def started(self) -> bool:
-        return "starting as" in self.logs()
+    @property
+    def url(self) -> str | None:
+        """The HTTP endpoint (metrics, probes), read from the log since the port is random."""
+        match = re.search(r"on (http://[0-9.]+:[0-9]+)", self.logs())
+        return match.group(1) if match else None
+
+    def get(self, path: str) -> tuple[int, str]:
+        assert self.url is not None, "the provisioner has not logged its HTTP address yet"
+        try:
+            with urllib.request.urlopen(f"{self.url}{path}", timeout=10) as response:  # noqa: S310
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode()
+
+    def ready(self) -> bool:
+        return self.url is not None and self.get("/readyz")[0] == 200
 
     def _died(self) -> bool:
         if self.process is not None and self.process.poll() is not None:
