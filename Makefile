@@ -51,7 +51,7 @@ bench: controlplane
 	$(PY) -m tests.bench.provision --claims $(N)
 
 demo: controlplane
-	$(PY) -m tests.demo
+	$(PY) -m controlplane.demo
 
 image:
 	docker build -t nfs-provisioner:dev .
