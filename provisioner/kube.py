@@ -85,13 +85,16 @@ class TokenBucket:
             self._tokens -= 1
 
 
-def load_api_client(pool_size: int) -> kubernetes.client.ApiClient:
+def load_api_client(pool_size: int, config_file: str | None = None) -> kubernetes.client.ApiClient:
     """In-cluster configuration when running in a pod, else $KUBECONFIG / ~/.kube/config."""
     configuration = kubernetes.client.Configuration()
-    try:
-        kubernetes.config.load_incluster_config(client_configuration=configuration)
-    except kubernetes.config.ConfigException:
-        kubernetes.config.load_kube_config(client_configuration=configuration)
+    if config_file is not None:
+        kubernetes.config.load_kube_config(config_file, client_configuration=configuration)
+    else:
+        try:
+            kubernetes.config.load_incluster_config(client_configuration=configuration)
+        except kubernetes.config.ConfigException:
+            kubernetes.config.load_kube_config(client_configuration=configuration)
     configuration.connection_pool_maxsize = pool_size
     return kubernetes.client.ApiClient(configuration)
 
