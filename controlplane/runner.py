@@ -12,7 +12,9 @@ and ``dev-cluster-down`` targets (through ``python -m controlplane.runner``).
 What it must not do: import the provisioner (this is test infrastructure, never shipped);
 listen on anything but loopback; signal a process it did not start (processes are stopped by
 recorded pid after checking the pid still names the same process, never by name); write outside
-its state directory, the etcd data directory it creates on ``/dev/shm`` and the binary cache.
+its state directory, the binary cache and its own etcd data directories on ``/dev/shm`` (it
+also sweeps ones whose etcd is gone, left by killed runs); be used for anything but tests, the
+demo and benchmarks (etcd runs without fsync, the admin is system:masters).
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ STOP_GRACE = 5.0  # seconds between SIGTERM and SIGKILL
 PORT_ATTEMPTS = 3  # a free port can be taken between choosing it and the process binding it
 STATE_FILE = "state.json"
 ETCD_DATA_PREFIX = "nfs-provisioner-etcd-"
+ETCD_OWNER_FILE = "owner.json"  # the etcd process using the directory, for sweeping leftovers
 ETCD_MEMBER = "controlplane"
 SHM = Path("/dev/shm")  # noqa: S108 - etcd's data on tmpfs; the directory is private (mkdtemp)
 _PR_SET_PDEATHSIG = 1
@@ -372,13 +375,14 @@ def apiserver_args(*, etcd_url: str, secure_port: int, cert_dir: Path, pki: Pki)
 
 
 def controller_manager_args(*, kubeconfig: Path, secure_port: int, cert_dir: Path) -> list[str]:
-    """kube-controller-manager's flags: the PV controllers (+ namespace/GC), no leader election."""
+    """kube-controller-manager's flags: the PV controllers (+ namespace/GC), no leader election.
+
+    No --authentication/authorization-kubeconfig: only /healthz is probed and it is always
+    allowed; with them, the lookup of a requestheader CA this apiserver does not have logs an
+    error many times a second.
+    """
     return [
         f"--kubeconfig={kubeconfig}",
-        # Delegated authn/authz for its own HTTPS endpoints (/metrics needs them; /healthz
-        # is always allowed): without them it warns and treats every caller as anonymous.
-        f"--authentication-kubeconfig={kubeconfig}",
-        f"--authorization-kubeconfig={kubeconfig}",
         f"--controllers={','.join(KCM_CONTROLLERS)}",
         "--leader-elect=false",
         "--use-service-account-credentials=false",
@@ -641,17 +645,47 @@ def stop_processes(
         raise RuntimeError(f"control plane: still running after SIGKILL: {', '.join(stuck)}")
 
 
+def sweep_stale_etcd_dirs(root: Path = SHM, min_age: float = 600.0) -> list[Path]:
+    """Remove etcd data directories left on tmpfs by control planes that were killed.
+
+    A directory goes when the etcd named in its owner file is no longer running, or, with no
+    owner file (killed between creating it and starting etcd), when it is ``min_age`` s old.
+    Returns what it removed.
+    """
+    removed = []
+    for path in sorted(root.glob(f"{ETCD_DATA_PREFIX}*")):
+        if not path.is_dir():
+            continue
+        try:
+            record = ProcessRecord(**json.loads((path / ETCD_OWNER_FILE).read_text("utf-8")))
+            stale = not _is_running(record)
+        except (OSError, ValueError, TypeError):
+            try:
+                stale = time.time() - path.stat().st_mtime > min_age
+            except OSError:
+                continue
+        if stale:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 def _die_with_parent() -> Callable[[], None] | None:
-    """A preexec_fn asking Linux to SIGTERM the child when the parent dies (a killed pytest)."""
+    """A preexec_fn asking Linux to SIGKILL the child when its parent dies (a killed pytest).
+
+    SIGKILL, not SIGTERM: all three would get the signal at once, and kube-apiserver's
+    graceful shutdown then waits on the etcd that is shutting down beside it. Nothing of a
+    test control plane needs a graceful end; the next start sweeps etcd's data directory.
+    """
     try:
         prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
         return None
     parent = os.getpid()
-    sigterm = int(signal.SIGTERM)
+    sigkill = int(signal.SIGKILL)
 
     def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, sigterm)
+        prctl(_PR_SET_PDEATHSIG, sigkill)
         if os.getppid() != parent:  # the parent died before prctl took effect
             os._exit(1)
 
@@ -672,7 +706,7 @@ class ControlPlane:
     """etcd + kube-apiserver + kube-controller-manager under ``state_dir``.
 
     ``detach=True`` (the CLI's ``up``) leaves the processes running when this Python process
-    exits; otherwise (tests) Linux sends them SIGTERM if it dies without calling :meth:`stop`.
+    exits; otherwise (tests) Linux SIGKILLs them if it dies without calling :meth:`stop`.
     The parent-death signal follows the thread that called :meth:`start`: call it from a
     thread that lives as long as the control plane (the main thread, in pytest).
     """
@@ -731,6 +765,7 @@ class ControlPlane:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         try:
             pki = generate_pki(self.pki_dir)
+            sweep_stale_etcd_dirs()
             self._etcd_data_dir = Path(
                 tempfile.mkdtemp(prefix=ETCD_DATA_PREFIX, dir=SHM if SHM.is_dir() else None)
             )
@@ -842,7 +877,8 @@ class ControlPlane:
     def _plan_etcd(self) -> _Plan:
         assert self._etcd_data_dir is not None
         client, peer = free_ports(2)
-        args = etcd_args(data_dir=self._etcd_data_dir, client_port=client, peer_port=peer)
+        data_dir = self._etcd_data_dir / "data"
+        args = etcd_args(data_dir=data_dir, client_port=client, peer_port=peer)
         return _Plan(
             [str(self.binaries.etcd), *args],
             lambda: etcd_healthy(client),
@@ -917,6 +953,9 @@ class ControlPlane:
         self._records.append(record)
         self._children[proc.pid] = proc
         self._write_state()
+        if component == ETCD and self._etcd_data_dir is not None:
+            owner = self._etcd_data_dir / ETCD_OWNER_FILE
+            owner.write_text(json.dumps(asdict(record)), encoding="utf-8")
         return proc
 
     def _wait_healthy(self, proc: subprocess.Popen[bytes], probe: Callable[[], bool]) -> str | None:

@@ -21,15 +21,15 @@ def control_plane(
     never a skip. The binaries are not built here (a cold build outlasts the test timeout);
     `make test` builds them first.
     """
+    problem = None
     try:
         binaries = resolve_binaries(build=False)
-    except RuntimeError as exc:
-        pytest.fail(f"the control plane cannot start: {exc}", pytrace=False)
-    plane = ControlPlane(tmp_path_factory.mktemp("controlplane"), binaries)
-    try:
+        plane = ControlPlane(tmp_path_factory.mktemp("controlplane"), binaries)
         plane.start()
     except RuntimeError as exc:
-        pytest.fail(f"the control plane did not start: {exc}", pytrace=False)
+        problem = str(exc)
+    if problem is not None:  # outside the except block: one message, no chained traceback
+        pytest.fail(f"the control plane did not start: {problem}", pytrace=False)
     request.config.stash[CONTROL_PLANE] = plane
     try:
         yield plane

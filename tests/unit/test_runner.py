@@ -508,3 +508,36 @@ def test_cli_down_stops_recorded_detached_processes_and_removes_state(tmp_path: 
     assert runner.main(["down", "--state", str(state)]) == 0
     assert _wait(lambda: proc.poll() is not None)
     assert not state.exists()
+
+
+def test_sweep_removes_only_etcd_dirs_of_dead_or_abandoned_control_planes(tmp_path: Path) -> None:
+    def data_dir(name: str, owner: ProcessRecord | None, age: float = 0) -> Path:
+        path = tmp_path / f"{runner.ETCD_DATA_PREFIX}{name}"
+        (path / "data").mkdir(parents=True)
+        if owner is not None:
+            (path / runner.ETCD_OWNER_FILE).write_text(json.dumps(owner.__dict__))
+        stamp = time.time() - age
+        os.utime(path, (stamp, stamp))
+        return path
+
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished_record = ProcessRecord("etcd", finished.pid, _ticks(finished.pid))
+    finished.wait()
+    me = ProcessRecord("etcd", os.getpid(), _ticks(os.getpid()))
+
+    dead = data_dir("dead", finished_record)
+    alive = data_dir("alive", me)
+    alive_but_old = data_dir("alive-old", me, age=3600)
+    fresh_no_owner = data_dir("fresh", None)
+    old_no_owner = data_dir("old", None, age=3600)
+    unrelated = tmp_path / "something-else"
+    unrelated.mkdir()
+    os.utime(unrelated, (0, 0))
+
+    removed = runner.sweep_stale_etcd_dirs(tmp_path, min_age=600)
+
+    assert sorted(removed) == sorted([dead, old_no_owner])
+    for kept in (alive, alive_but_old, fresh_no_owner, unrelated):
+        assert kept.exists()
+    assert not dead.exists()
+    assert not old_no_owner.exists()
