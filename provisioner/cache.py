@@ -73,6 +73,22 @@ class Cache:
         """Names of the PVs that record this directory of this export."""
         return set(self._volumes_by_dir.get((export_path, directory), ()))
 
+    def volumes_overlapping(self, export_path: str, directory: str) -> set[str]:
+        """PVs whose directory is this one, inside it, or contains it.
+
+        A claim must not get a directory inside another volume's (or around it): that would
+        hand one tenant's data to another through a crafted pathPattern input.
+        """
+        parts = directory.split("/")
+        found: set[str] = set()
+        for depth in range(1, len(parts) + 1):
+            found |= self.volumes_recording(export_path, "/".join(parts[:depth]))
+        prefix = f"{directory}/"
+        for (export, recorded), names in self._volumes_by_dir.items():
+            if export == export_path and recorded.startswith(prefix):
+                found |= names
+        return found
+
     # --- StorageClasses ----------------------------------------------------------------------
 
     def put_class(self, storage_class: StorageClass) -> None:

@@ -177,7 +177,7 @@ class Reconciler:
         except (ParameterError, paths.UnsafePathError) as error:
             await self._refuse(claim, storage_class, f'claim "{claim.key}": {error}')
             return
-        holders = self.cache.volumes_recording(self.export.path, str(directory)) - {
+        holders = self.cache.volumes_overlapping(self.export.path, str(directory)) - {
             claim.volume_name_for
         }
         if holders:
@@ -185,8 +185,9 @@ class Reconciler:
                 claim,
                 storage_class,
                 f'directory "{directory}" is already used by PersistentVolume '
-                f"{', '.join(sorted(holders))}; a directory is never shared between claims. "
-                "Change the pathPattern inputs (labels/annotations) or delete the other claim",
+                f"{', '.join(sorted(holders))} (the same directory, inside it or around it); "
+                "a directory is never shared between claims. Change the pathPattern inputs "
+                "(labels/annotations) or delete the other claim",
             )
             return
         reserved_by = self._reserved.setdefault(str(directory), claim.uid)

@@ -355,3 +355,26 @@ def test_check_passes_with_the_shipped_rbac(sa_kubeconfig: Path, tmp_path: Path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "every RBAC permission the provisioner needs is granted" in result.stdout
     wait_for("probe file removed", lambda: list(export.iterdir()) == [], timeout=5)
+
+
+def test_claim_nested_inside_another_volume_is_refused(
+    admin: Kube, shared: Shared, namespace: str
+) -> None:
+    """A crafted annotation must not hand one tenant a directory inside another's volume."""
+    class_name = unique("nest")
+    admin.apply(
+        storage_class(class_name, shared.process.name, {"pathPattern": "${.PVC.annotations.dir}"})
+    )
+    try:
+        admin.apply(claim("outer", namespace, class_name, annotations={"dir": f"{namespace}-v"}))
+        outer = admin.wait_phase("pvc", "outer", "Bound", namespace)
+        before = snapshot(shared.export)
+        admin.apply(
+            claim("inner", namespace, class_name, annotations={"dir": f"{namespace}-v/data"})
+        )
+        event = admin.wait_event(namespace, "inner", "ProvisioningFailed")
+        assert f'directory "{namespace}-v/data" is already used by PersistentVolume' in event
+        assert outer["spec"]["volumeName"] in event
+        assert snapshot(shared.export) == before
+    finally:
+        admin.run("delete", "storageclass", class_name)
