@@ -54,7 +54,7 @@ demo: controlplane
 	$(PY) -m controlplane.demo
 
 image:
-	docker build -t nfs-provisioner:dev .
+	docker build -t nfs-provisioner:0.1.0 .
 
 e2e-kind:
 	tests/e2e/kind.sh
