@@ -213,6 +213,19 @@ def test_failing_filesystem_call_names_the_cause_and_a_hint(
 # --- process configuration and preflight ------------------------------------------------------
 
 
+def check_env(kubeconfig: Path, mount: Path, **extra: str) -> dict[str, str]:
+    """The environment of `nfs-provisioner check` for a ServiceAccount and a mount path."""
+    return {
+        "KUBECONFIG": str(kubeconfig),
+        "PROVISIONER_NAME": "a.io/b",
+        "NFS_SERVER": "nas",
+        "NFS_PATH": "/exports",
+        "NFS_MOUNT_PATH": str(mount),
+        "POD_NAMESPACE": "nfs-provisioner",
+        **extra,
+    }
+
+
 def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("NFS_", "PROVISIONER_"))}
     return subprocess.run(
@@ -256,14 +269,7 @@ def test_check_reports_a_missing_mount(sa_kubeconfig: Path, tmp_path: Path) -> N
     missing = tmp_path / "not-mounted"
     result = run_cli(
         "check",
-        env={
-            "KUBECONFIG": str(sa_kubeconfig),
-            "PROVISIONER_NAME": "a.io/b",
-            "NFS_SERVER": "nas",
-            "NFS_PATH": "/exports",
-            "NFS_MOUNT_PATH": str(missing),
-            "POD_NAMESPACE": "nfs-provisioner",
-        },
+        env=check_env(sa_kubeconfig, missing),
     )
     assert result.returncode == 1
     assert f"export mount {missing}" in result.stdout
@@ -278,15 +284,7 @@ def test_check_reports_an_unwritable_mount(sa_kubeconfig: Path, tmp_path: Path) 
     write_fault_rules(faults, [FaultRule(op="write_probe", errno="EACCES")])
     result = run_cli(
         "check",
-        env={
-            "KUBECONFIG": str(sa_kubeconfig),
-            "PROVISIONER_NAME": "a.io/b",
-            "NFS_SERVER": "nas",
-            "NFS_PATH": "/exports",
-            "NFS_MOUNT_PATH": str(export),
-            "POD_NAMESPACE": "nfs-provisioner",
-            "NFS_PROVISIONER_UNSAFE_FAULTS_FILE": str(faults),
-        },
+        env=check_env(sa_kubeconfig, export, NFS_PROVISIONER_UNSAFE_FAULTS_FILE=str(faults)),
     )
     assert result.returncode == 1
     assert f"export mount {export}" in result.stdout
@@ -314,15 +312,7 @@ def test_check_lists_a_missing_rbac_rule_ready_to_paste(
         export.mkdir()
         result = run_cli(
             "check",
-            env={
-                "KUBECONFIG": str(kubeconfig),
-                "PROVISIONER_NAME": "a.io/b",
-                "NFS_SERVER": "nas",
-                "NFS_PATH": "/exports",
-                "NFS_MOUNT_PATH": str(export),
-                "POD_NAMESPACE": "nfs-provisioner",
-                "ENABLE_LEADER_ELECTION": "false",
-            },
+            env=check_env(kubeconfig, export, ENABLE_LEADER_ELECTION="false"),
         )
         assert result.returncode == 1, result.stdout
         expected = (
@@ -343,14 +333,7 @@ def test_check_passes_with_the_shipped_rbac(sa_kubeconfig: Path, tmp_path: Path)
     export.mkdir()
     result = run_cli(
         "check",
-        env={
-            "KUBECONFIG": str(sa_kubeconfig),
-            "PROVISIONER_NAME": "a.io/b",
-            "NFS_SERVER": "nas",
-            "NFS_PATH": "/exports",
-            "NFS_MOUNT_PATH": str(export),
-            "POD_NAMESPACE": "nfs-provisioner",
-        },
+        env=check_env(sa_kubeconfig, export),
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "every RBAC permission the provisioner needs is granted" in result.stdout
