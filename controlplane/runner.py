@@ -3,7 +3,8 @@
 What: resolves the three binaries (``TEST_ASSET_*`` overrides, ``$KUBEBUILDER_ASSETS``, or the
 version-keyed cache that ``controlplane/build.sh`` fills, building what is missing), then starts
 them on 127.0.0.1 with random free ports, their own CA and certificates, RBAC authorization and
-the persistent-volume controllers, waits for each to be healthy and stops them again.
+the persistent-volume controllers, waits for each to be healthy, restarts one on request (tests
+of clients that must reconnect) and stops them again.
 
 Who calls it: the ``control_plane`` pytest fixture (``tests/conftest.py``), the demo and the
 benchmarks (through :class:`ControlPlane`), and the Makefile's ``controlplane``, ``dev-cluster``
@@ -628,6 +629,8 @@ def stop_processes(
             if record.pid in kids:
                 kids[record.pid].poll()
             if not _is_running(record):
+                if record.pid in kids:
+                    kids[record.pid].wait(timeout=5)  # /proc saw a zombie before poll() did
                 return True
             if time.monotonic() >= deadline:
                 return False
@@ -735,6 +738,7 @@ class ControlPlane:
         self._etcd_data_dir: Path | None = None
         self._records: list[ProcessRecord] = []
         self._children: dict[int, subprocess.Popen[bytes]] = {}
+        self._plans: dict[str, _Plan] = {}  # component -> how it was started, for restart()
 
     # ------------------------------------------------------------------ public
 
@@ -794,6 +798,7 @@ class ControlPlane:
         finally:
             self._records = []
             self._children = {}
+            self._plans = {}
             self._server = None
             if self._etcd_data_dir is not None and self._etcd_data_dir.name.startswith(
                 ETCD_DATA_PREFIX
@@ -804,6 +809,39 @@ class ControlPlane:
                 shutil.rmtree(directory, ignore_errors=True)
             for path in (self.admin_kubeconfig, self.state_file):
                 path.unlink(missing_ok=True)
+
+    def restart(self, component: str) -> None:
+        """Stop one component by its recorded pid and start it again: same argv, same ports.
+
+        The others keep running, so their clients see it go away and come back at the same
+        address (for kube-apiserver, the same :attr:`server`); etcd keeps its data. Returns once
+        the new process is healthy. Its record takes the old one's place in state.json, so
+        :meth:`stop` keeps its order. A component that is already down is just started again.
+        Only components started by this object can be restarted (state.json does not hold
+        command lines). If the new process is not healthy in time it is stopped too and
+        RuntimeError carries the tail of its log.
+        """
+        if component not in COMPONENTS:
+            raise ValueError(f"unknown component {component!r}; one of {', '.join(COMPONENTS)}")
+        index = next((i for i, r in enumerate(self._records) if r.component == component), None)
+        plan = self._plans.get(component)
+        if index is None or plan is None:
+            raise RuntimeError(f"control plane: {component} was not started by this object")
+        old = self._records[index]
+        old_child = self._children.pop(old.pid, None)
+        stop_processes([old], None if old_child is None else {old.pid: old_child})
+        log = self.log_dir / f"{component}.log"
+        proc = self._spawn(component, plan.argv, log, index=index)
+        failure = self._wait_healthy(proc, plan.probe)
+        if failure is None:
+            return
+        stop_processes([self._records[index]], {proc.pid: proc})
+        del self._children[proc.pid]
+        tail = "\n".join(tail_lines(log, 40))
+        raise RuntimeError(
+            f"control plane: restarted {component} {failure}\n"
+            f"----- last 40 lines of {log} -----\n{tail}"
+        )
 
     def service_account_kubeconfig(self, namespace: str, name: str, path: Path) -> Path:
         """Write a kubeconfig for an existing ServiceAccount, with a 24h TokenRequest token."""
@@ -918,6 +956,7 @@ class ControlPlane:
             failure = self._wait_healthy(proc, chosen.probe)
             if failure is None:
                 self.ports.update(chosen.ports)
+                self._plans[component] = chosen
                 self._write_state()
                 return chosen
             record = self._records.pop()
@@ -934,7 +973,10 @@ class ControlPlane:
             )
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _spawn(self, component: str, argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+    def _spawn(
+        self, component: str, argv: list[str], log: Path, index: int | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Start ``argv`` logging to ``log``; its record is appended, or replaces ``index``."""
         with log.open("ab") as out:
             stamp = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
             out.write(f"# {stamp} controlplane.runner starts: {' '.join(argv)}\n".encode())
@@ -950,7 +992,10 @@ class ControlPlane:
             )
         stat = _proc_stat(proc.pid)
         record = ProcessRecord(component, proc.pid, stat[1] if stat else 0)
-        self._records.append(record)
+        if index is None:
+            self._records.append(record)
+        else:
+            self._records[index] = record
         self._children[proc.pid] = proc
         self._write_state()
         if component == ETCD and self._etcd_data_dir is not None:

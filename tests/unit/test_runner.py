@@ -481,6 +481,63 @@ def test_stop_processes_never_signals_a_reused_pid() -> None:
         proc.wait()
 
 
+SLEEP = [sys.executable, "-c", "import time; time.sleep(60)"]
+
+
+@pytest.fixture
+def sleeping_plane(tmp_path: Path) -> Iterator[runner.ControlPlane]:
+    """A ControlPlane whose three "components" are sleeping Pythons, always healthy."""
+    plane = runner.ControlPlane(
+        tmp_path, runner.Binaries(Path("e"), Path("a"), Path("c")), health_timeout=10
+    )
+    plane.log_dir.mkdir()
+    try:
+        for component in NAMES:
+            plane._plans[component] = runner._Plan(SLEEP, lambda: True, {})
+            plane._spawn(component, SLEEP, plane.log_dir / f"{component}.log")
+        yield plane
+    finally:
+        plane.stop()
+
+
+def test_restart_replaces_one_process_in_place_and_in_the_state_file(
+    sleeping_plane: runner.ControlPlane,
+) -> None:
+    before = sleeping_plane.processes
+    sleeping_plane.restart("kube-apiserver")
+    after = sleeping_plane.processes
+    assert [r.component for r in after] == list(NAMES)  # stop() keeps its order
+    assert (after[0], after[2]) == (before[0], before[2])
+    assert after[1].pid != before[1].pid
+    assert not runner._is_running(before[1])
+    assert sleeping_plane.is_running()
+    state = json.loads(sleeping_plane.state_file.read_text())
+    assert state["processes"] == [r.__dict__ for r in after]
+    log = (sleeping_plane.log_dir / "kube-apiserver.log").read_text()
+    assert log.count("controlplane.runner starts:") == 2
+
+
+def test_restart_that_does_not_come_back_fails_and_leaves_it_stopped(
+    sleeping_plane: runner.ControlPlane,
+) -> None:
+    sleeping_plane._plans["etcd"] = runner._Plan(
+        [sys.executable, "-c", "raise SystemExit(3)"], lambda: False, {}
+    )
+    with pytest.raises(RuntimeError, match="restarted etcd exited with code 3"):
+        sleeping_plane.restart("etcd")
+    assert [r.component for r in sleeping_plane.processes] == list(NAMES)
+    assert not runner._is_running(sleeping_plane.processes[0])
+    assert not sleeping_plane.is_running()
+
+
+def test_restart_needs_a_known_component_started_by_this_object(tmp_path: Path) -> None:
+    plane = runner.ControlPlane(tmp_path, runner.Binaries(Path("e"), Path("a"), Path("c")))
+    with pytest.raises(ValueError, match="unknown component 'kubelet'"):
+        plane.restart("kubelet")
+    with pytest.raises(RuntimeError, match="kube-apiserver was not started by this object"):
+        plane.restart("kube-apiserver")
+
+
 def test_cli_down_is_idempotent(tmp_path: Path) -> None:
     state = tmp_path / "never-started"
     assert runner.main(["down", "--state", str(state)]) == 0
