@@ -93,6 +93,7 @@ class Volume:
     export_path: str | None
     on_delete: str | None
     resource_version: str = ""
+    uid: str = ""
 
 
 def storage_class_from(body: Body) -> StorageClass:
@@ -155,6 +156,7 @@ def volume_from(body: Body) -> Volume:
         export_path=annotations.get(ANN_EXPORT_PATH),
         on_delete=annotations.get(ANN_ON_DELETE),
         resource_version=str(meta.get("resourceVersion", "")),
+        uid=str(meta.get("uid", "")),
     )
 
 

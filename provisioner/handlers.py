@@ -51,7 +51,6 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler) -> None:
             reconciler.forget_volume(volume.name)
             return
         cache.put_volume(volume)
-        reconciler.remember_volume_uid(volume.name, str(body.get("metadata", {}).get("uid", "")))
         reconciler.enqueue_volume(volume.name)
 
     @kopf.on.event("storage.k8s.io", "v1", "storageclasses", registry=registry)

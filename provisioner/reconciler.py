@@ -54,8 +54,8 @@ def claim_ref(claim: core.Claim) -> ObjectRef:
     )
 
 
-def volume_ref(volume: core.Volume, uid: str = "") -> ObjectRef:
-    return ObjectRef(kind="PersistentVolume", name=volume.name, uid=uid)
+def volume_ref(volume: core.Volume) -> ObjectRef:
+    return ObjectRef(kind="PersistentVolume", name=volume.name, uid=volume.uid)
 
 
 class Reconciler:
@@ -78,14 +78,13 @@ class Reconciler:
         self.queue = WorkQueue(
             self.reconcile,
             workers=settings.workers,
-            backoff=_backoff(settings),
+            backoff=Backoff(base=settings.backoff_base, cap=settings.backoff_max),
             on_retry=self._on_retry,
         )
         # Directories being provisioned right now, so two claims never race into one directory.
         self._reserved: dict[str, str] = {}
         # The last refusal posted per claim, so a resync does not repeat the same Warning.
         self._refused: dict[str, str] = {}
-        self._volume_uids: dict[str, str] = {}
         # Volumes released by this process whose DELETED event has not arrived yet: watch
         # events still in flight would otherwise start a second, confusing release.
         self._released: set[str] = set()
@@ -108,15 +107,11 @@ class Reconciler:
         for volume in self.cache.volumes():
             self.enqueue_volume(volume.name)
 
-    def remember_volume_uid(self, name: str, uid: str) -> None:
-        self._volume_uids[name] = uid
-
     def forget_claim(self, uid: str) -> None:
         self._refused.pop(uid, None)
         self.queue.forget(f"{CLAIM}:{uid}")
 
     def forget_volume(self, name: str) -> None:
-        self._volume_uids.pop(name, None)
         self._released.discard(name)
         self.queue.forget(f"{VOLUME}:{name}")
 
@@ -322,7 +317,7 @@ class Reconciler:
         if decision.action is core.VolumeAction.IGNORE:
             logger.debug("volume %s: ignored: %s", name, decision.reason)
             return
-        ref = volume_ref(volume, self._volume_uids.get(name, ""))
+        ref = volume_ref(volume)
         if decision.action is core.VolumeAction.RELEASE_FINALIZER:
             await self._drop_finalizer(volume)
             await self._event(ref, "Normal", "VolumeRetained", decision.reason)
@@ -394,10 +389,6 @@ class Reconciler:
                     return
                 volume = core.volume_from(fresh)
         raise RetryLater(f"volume {volume.name}: kept changing while removing our finalizer")
-
-
-def _backoff(settings: Settings) -> Backoff:
-    return Backoff(base=settings.backoff_base, cap=settings.backoff_max)
 
 
 async def resync_forever(reconciler: Reconciler, period: float) -> None:
