@@ -74,14 +74,16 @@ class Kube:
         items: list[dict[str, Any]] = json.loads(self.run(*args))["items"]
         return items
 
-    def events(self, namespace: str, name: str) -> list[dict[str, Any]]:
+    def events(self, namespace: str | None, name: str) -> list[dict[str, Any]]:
+        """Events about the object ``name``; namespace None searches every namespace, as
+        cluster-scoped objects (PVs) have their Events in "default"."""
         return [
             e
             for e in self.items("events", namespace)
             if e.get("involvedObject", {}).get("name") == name
         ]
 
-    def wait_event(self, namespace: str, name: str, reason: str, timeout: float = 60) -> str:
+    def wait_event(self, namespace: str | None, name: str, reason: str, timeout: float = 60) -> str:
         """The message of the first Event with ``reason`` on the object."""
 
         def probe() -> str | None:
@@ -90,7 +92,7 @@ class Kube:
                     return str(event.get("message", ""))
             return None
 
-        return wait_for(f"event {reason} on {namespace}/{name}", probe, timeout)
+        return wait_for(f"event {reason} on {namespace or ''}/{name}", probe, timeout)
 
     def phase(self, kind: str, name: str, namespace: str | None = None) -> str | None:
         obj = self.get(kind, name, namespace)

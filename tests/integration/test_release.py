@@ -56,20 +56,6 @@ def delete_claim(admin: Kube, p: Provisioned) -> None:
     admin.run("delete", "pvc", p.name, "-n", p.namespace, "--wait=false")
 
 
-def pv_events(admin: Kube, volume: str) -> list[dict[str, Any]]:
-    return [e for e in admin.items("events") if e.get("involvedObject", {}).get("name") == volume]
-
-
-def wait_pv_event(admin: Kube, volume: str, reason: str, timeout: float = 60) -> str:
-    def probe() -> str | None:
-        for event in pv_events(admin, volume):
-            if event["reason"] == reason:
-                return str(event["message"])
-        return None
-
-    return wait_for(f"{reason} on PV {volume}", probe, timeout)
-
-
 @pytest.fixture
 def setup(
     admin: Kube, provisioner: StartProvisioner, tmp_path: Path
@@ -109,14 +95,14 @@ def test_on_delete_table(
         if fate == "removed":
             assert not p.directory.exists()
             assert not archive.exists()
-            assert "deleted" in wait_pv_event(admin, p.volume, "VolumeDeleted")
+            assert "deleted" in admin.wait_event(None, p.volume, "VolumeDeleted")
         elif fate == "kept":
             assert (p.directory / "SUCCESS").read_text() == f"{namespace}/data"
-            assert "kept" in wait_pv_event(admin, p.volume, "VolumeRetained")
+            assert "kept" in admin.wait_event(None, p.volume, "VolumeRetained")
         else:
             assert not p.directory.exists()
             assert (archive / "SUCCESS").read_text() == f"{namespace}/data"
-            message = wait_pv_event(admin, p.volume, "VolumeArchived")
+            message = admin.wait_event(None, p.volume, "VolumeArchived")
             assert f'archived as "{archive.name}"' in message
         assert sorted(export.iterdir()) == sorted(
             {"removed": [], "kept": [p.directory], "archived": [archive]}[fate]
@@ -184,7 +170,7 @@ def test_admin_switching_a_pv_to_retain_wins_over_the_recorded_policy(
         )
         delete_claim(admin, p)
         admin.wait_phase("pv", p.volume, "Released")
-        message = wait_pv_event(admin, p.volume, "VolumeRetained")
+        message = admin.wait_event(None, p.volume, "VolumeRetained")
         assert "Reclaim policy is Retain" in message
         wait_for(
             "our finalizer to be removed",
@@ -262,7 +248,7 @@ def test_edited_pv_annotation_is_refused_and_nothing_moves(
         )
         before = snapshot(export)
         delete_claim(admin, p)
-        message = wait_pv_event(admin, p.volume, "VolumeFailedDelete")
+        message = admin.wait_event(None, p.volume, "VolumeFailedDelete")
         assert f'recorded directory "{recorded}" is unsafe' in message
         assert p.volume in message
         assert snapshot(export) == before
@@ -307,7 +293,7 @@ def test_missing_directory_is_success_with_a_warning(
         p.directory.rmdir()
         delete_claim(admin, p)
         admin.wait_gone("pv", p.volume)
-        assert "already missing" in wait_pv_event(admin, p.volume, "VolumeArchived")
+        assert "already missing" in admin.wait_event(None, p.volume, "VolumeArchived")
         assert not any(export.iterdir())
         assert "was already missing" in process.logs()
     finally:
@@ -343,7 +329,7 @@ def test_failing_remove_reports_and_other_volumes_complete(
         fine = provision(admin, namespace, class_name, export, name="fine")
         delete_claim(admin, blocked)
         delete_claim(admin, fine)
-        message = wait_pv_event(admin, blocked.volume, "VolumeFailedDelete")
+        message = admin.wait_event(None, blocked.volume, "VolumeFailedDelete")
         assert expected in message
         admin.wait_gone("pv", fine.volume)
         assert not fine.directory.exists()
