@@ -49,6 +49,20 @@ def provisioned_by(process: ProvisionerProcess, claim_name: str) -> bool:
     return re.search(rf"claim \S+/{claim_name}: provisioned volume", process.logs()) is not None
 
 
+def wait_provisioned_by(process: ProvisionerProcess, claim_name: str) -> None:
+    """Wait for ``process`` to log that it provisioned ``claim_name``.
+
+    The claim can turn Bound a moment before the provisioner's own log line lands: the
+    controller-manager binds as soon as the PersistentVolume exists, and on a loaded machine the
+    provisioner's event loop may not have resumed after its create call yet.
+    """
+    wait_for(
+        f"{process.name} to log provisioning {claim_name}",
+        lambda: provisioned_by(process, claim_name),
+        timeout=30,
+    )
+
+
 @pytest.mark.parametrize(
     ("lock", "kind", "stop"),
     [
@@ -82,7 +96,7 @@ def test_only_the_leader_provisions_and_a_standby_takes_over(
     try:
         admin.apply(claim("one", namespace, class_name))
         admin.wait_phase("pvc", "one", "Bound", namespace)
-        assert provisioned_by(leader, "one")
+        wait_provisioned_by(leader, "one")
         assert not provisioned_by(standby, "one")
 
         if kind == "endpoints":
@@ -119,7 +133,7 @@ def test_only_the_leader_provisions_and_a_standby_takes_over(
         failover = time.monotonic() - started
         admin.apply(claim("two", namespace, class_name))
         admin.wait_phase("pvc", "two", "Bound", namespace)
-        assert provisioned_by(standby, "two")
+        wait_provisioned_by(standby, "two")
         print(f"FAILOVER lock={lock} stop={stop}: standby holds the lock after {failover:.1f} s")
     finally:
         admin.run("delete", "storageclass", class_name)
