@@ -91,6 +91,8 @@ def test_apiserver_restart_resumes_watches_and_loses_or_duplicates_nothing(
         first_pv = first["spec"]["volumeName"]
         first_dir = export / f"{namespace}-first-{first_pv}"
         assert first_dir.is_dir()
+        # Its Event is posted just after the PV is saved; let it land before the server goes down.
+        admin.wait_event(namespace, "first", "ProvisioningSucceeded", timeout=WAIT)
         # The raw list: kubectl's own `get -o json` List carries no resourceVersion.
         old_rv = json.loads(admin.run("get", "--raw", "/api/v1/persistentvolumeclaims"))[
             "metadata"
@@ -143,7 +145,9 @@ def test_apiserver_restart_resumes_watches_and_loses_or_duplicates_nothing(
         for c in claims:
             assert c["spec"]["volumeName"] == f"pvc-{c['metadata']['uid']}"
         # The re-list after the restart provisioned nothing twice, the first claim included.
+        # (A claim's Event trails its Bound phase by a moment, so wait for each one first.)
         for name in ["first", *names]:
+            admin.wait_event(namespace, name, "ProvisioningSucceeded", timeout=WAIT)
             succeeded = [
                 e for e in admin.events(namespace, name) if e["reason"] == "ProvisioningSucceeded"
             ]
