@@ -9,7 +9,7 @@
 #   docker buildx imagetools inspect python:3.11-slim-bookworm   # prints the current digest
 #   docker build --build-arg PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:<digest> .
 # (The digest is not written here because it could not be looked up where this file was made.)
-# Dependency versions follow the ranges in setup.cfg; build from a clean checkout in CI.
+# Dependency versions are the exact ones the tests passed with (constraints.txt, see its header).
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
@@ -19,7 +19,7 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /src
 # .dockerignore lets only the package, its metadata and the docs into the context.
 COPY . .
-RUN pip wheel --wheel-dir /wheels . \
+RUN pip wheel --wheel-dir /wheels --constraint constraints.txt . \
     && ls /wheels
 
 FROM ${PYTHON_IMAGE}

@@ -7,15 +7,23 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 N ?= 500
 
-.PHONY: setup lint fmt test unit integration controlplane dev-cluster dev-cluster-down bench demo image e2e-kind clean
+.PHONY: setup lock lint fmt test unit integration controlplane dev-cluster dev-cluster-down bench demo image e2e-kind clean
 
 setup: $(STAMP)
 
-$(STAMP): setup.cfg pyproject.toml
+# Installs exactly the versions in constraints.txt (see its header); setup.cfg keeps the ranges.
+$(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $@
+
+# Move every dependency to the newest version setup.cfg allows and record it in constraints.txt.
+lock: setup
+	$(PY) -m pip install --quiet --upgrade --upgrade-strategy eager -e '.[dev]'
+	{ grep '^#' constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -iv '^nfs.provisioner'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	@echo "constraints.txt refreshed; run make lint test before committing it"
 
 lint: setup
 	$(VENV)/bin/ruff check .
