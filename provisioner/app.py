@@ -11,7 +11,9 @@ import contextlib
 import logging
 import os
 import secrets
+import signal
 import socket
+import threading
 from pathlib import Path
 
 import kopf
@@ -83,6 +85,7 @@ class Provisioner:
         handlers.register(self.registry, self.reconciler)
         self.readiness = Readiness(self.storage.check_writable)
         self.exit_code = 0
+        self._stepping_down: asyncio.Task[None] | None = None
         # Election traffic has its own client and pace, so a busy reconciler never delays a
         # renewal past the renew deadline.
         self.election_kube: KubeApi | None = None
@@ -125,9 +128,39 @@ class Provisioner:
             self.exit_code = 1
             stop.set()
 
-    async def _watch_ready(self, ready: asyncio.Event) -> None:
+    async def _watch_ready(
+        self, ready: asyncio.Event, stop: asyncio.Event, election: asyncio.Task[None]
+    ) -> None:
         await ready.wait()
         self.readiness.watching = True
+        self._take_over_signals(stop, election)
+
+    def _take_over_signals(self, stop: asyncio.Event, election: asyncio.Task[None]) -> None:
+        """Handle SIGTERM/SIGINT ourselves once kopf runs (kopf installs its own on start-up).
+
+        On its own, kopf would first wait up to 5 s for our reconciling tasks (its "hung tasks")
+        and only then return, so the lock would be released - and a standby could take over -
+        5 s late. We stop reconciling and release the lock first, then let kopf shut down.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            return  # signals reach only the main thread's loop; kopf's handlers stay
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._on_signal, signum, stop, election)
+
+    def _on_signal(self, signum: int, stop: asyncio.Event, election: asyncio.Task[None]) -> None:
+        if self._stepping_down is not None:
+            return
+        logger.info("%s received: stopping", signal.Signals(signum).name)
+        self._stepping_down = asyncio.create_task(self._step_down(stop, election), name="stop")
+
+    async def _step_down(self, stop: asyncio.Event, election: asyncio.Task[None]) -> None:
+        election.cancel()  # reconciling stops: the queue's workers are cancelled with it
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await election
+        if self.elector is not None:
+            await self.elector.release()
+        stop.set()
 
     def _before_scrape(self) -> None:
         claims, volumes = self.cache.counts()
@@ -144,9 +177,10 @@ class Provisioner:
             self.settings.http_host,
             self.settings.http_port,
         )
+        election = asyncio.create_task(self._elect(stop), name="election")
         tasks = [
-            asyncio.create_task(self._elect(stop), name="election"),
-            asyncio.create_task(self._watch_ready(ready), name="readiness"),
+            election,
+            asyncio.create_task(self._watch_ready(ready, stop, election), name="readiness"),
         ]
         logger.info(
             "provisioner %s starting as %s: export %s:%s mounted at %s",
