@@ -1,15 +1,16 @@
 """Integration fixtures: RBAC from rbac/ applied once, the provisioner's ServiceAccount
-kubeconfig, a fresh namespace per test, and provisioner subprocesses stopped after each test."""
+kubeconfig, a fresh namespace per test, provisioner subprocesses stopped after each test and
+StorageClasses deleted after each test."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pytest
 
 from controlplane.runner import ControlPlane
-from tests.integration.harness import REPO, Kube, ProvisionerProcess, unique
+from tests.integration.harness import REPO, Kube, ProvisionerProcess, storage_class, unique
 
 SA_NAMESPACE = "nfs-provisioner"
 SA_NAME = "nfs-provisioner"
@@ -66,3 +67,59 @@ def provisioner(
         process.stop()
         # Shown by pytest only when the test fails.
         print(f"--- provisioner log {process.log_path} ---\n{process.logs()[-20000:]}")
+
+
+class StorageClasses:
+    """What the ``storage_classes`` fixture hands a test: call it to create a StorageClass.
+
+    ``storage_classes(provisioner_name, parameters, prefix=...)`` applies
+    ``harness.storage_class`` under the name ``unique(prefix)`` and returns that name. Every
+    class made is deleted after the test. A test may delete one itself: the teardown ignores
+    classes that are already gone and never fails, so it cannot hide the test's own failure.
+    """
+
+    def __init__(self, admin: Kube) -> None:
+        self._admin = admin
+        self._names: list[str] = []
+
+    def __call__(
+        self,
+        provisioner_name: str,
+        parameters: dict[str, str] | None = None,
+        *,
+        prefix: str = "sc",
+        reclaim_policy: str = "Delete",
+        default: bool = False,
+        mount_options: Iterable[str] = (),
+    ) -> str:
+        name = unique(prefix)
+        self._names.append(name)  # before applying: a half-done apply is cleaned up too
+        self._admin.apply(
+            storage_class(
+                name,
+                provisioner_name,
+                parameters,
+                reclaim_policy=reclaim_policy,
+                default=default,
+                mount_options=mount_options,
+            )
+        )
+        return name
+
+    def delete_all(self) -> None:
+        if self._names:
+            self._admin.run(
+                "delete", "storageclass", *self._names, "--ignore-not-found", check=False
+            )
+
+
+@pytest.fixture
+def storage_classes(admin: Kube) -> Iterator[StorageClasses]:
+    """StorageClasses with unique names, all deleted after the test (see ``StorageClasses``).
+
+    List it after ``provisioner`` and ``namespace``: its teardown then runs first, where the
+    test's own ``finally`` would have deleted the classes.
+    """
+    classes = StorageClasses(admin)
+    yield classes
+    classes.delete_all()

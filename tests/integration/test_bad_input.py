@@ -17,14 +17,13 @@ from typing import Any
 import pytest
 
 from provisioner.storage import FaultRule, write_fault_rules
-from tests.integration.conftest import StartProvisioner
+from tests.integration.conftest import StartProvisioner, StorageClasses
 from tests.integration.harness import (
     REPO,
     Kube,
     ProvisionerProcess,
     claim,
     snapshot,
-    storage_class,
     unique,
     wait_for,
 )
@@ -123,91 +122,82 @@ def test_refused_claim_gets_an_event_and_nothing_is_created(
     parameters: dict[str, str],
     claim_changes: dict[str, Any],
     message: str,
+    storage_classes: StorageClasses,
 ) -> None:
     before = snapshot(shared.export)
-    class_name = unique("refuse")
-    admin.apply(storage_class(class_name, shared.process.name, parameters))
+    class_name = storage_classes(shared.process.name, parameters, prefix="refuse")
     annotations = claim_changes.pop("annotations", None)
     admin.apply(
         claim("bad", namespace, class_name, annotations=annotations, extra_spec=claim_changes)
     )
-    try:
-        event = admin.wait_event(namespace, "bad", "ProvisioningFailed")
-        assert message in event
-        assert f"{namespace}/bad" in event or class_name in event  # names the object
-        pvc = admin.get("pvc", "bad", namespace)
-        assert pvc is not None
-        assert pvc["status"]["phase"] == "Pending"
-        assert admin.get("pv", f"pvc-{pvc['metadata']['uid']}") is None
-        assert snapshot(shared.export) == before
-        failures = [
-            e for e in admin.events(namespace, "bad") if e["reason"] == "ProvisioningFailed"
-        ]
-        assert len(failures) == 1, "a refusal is reported once, not on every resync"
-    finally:
-        admin.run("delete", "storageclass", class_name)
+    event = admin.wait_event(namespace, "bad", "ProvisioningFailed")
+    assert message in event
+    assert f"{namespace}/bad" in event or class_name in event  # names the object
+    pvc = admin.get("pvc", "bad", namespace)
+    assert pvc is not None
+    assert pvc["status"]["phase"] == "Pending"
+    assert admin.get("pv", f"pvc-{pvc['metadata']['uid']}") is None
+    assert snapshot(shared.export) == before
+    failures = [e for e in admin.events(namespace, "bad") if e["reason"] == "ProvisioningFailed"]
+    assert len(failures) == 1, "a refusal is reported once, not on every resync"
 
 
 def test_two_claims_rendering_one_directory_second_is_refused(
-    admin: Kube, shared: Shared, namespace: str
+    admin: Kube, shared: Shared, namespace: str, storage_classes: StorageClasses
 ) -> None:
-    class_name = unique("same")
-    admin.apply(
-        storage_class(class_name, shared.process.name, {"pathPattern": "${.PVC.namespace}/shared"})
+    class_name = storage_classes(
+        shared.process.name, {"pathPattern": "${.PVC.namespace}/shared"}, prefix="same"
     )
-    try:
-        admin.apply(claim("first", namespace, class_name))
-        first = admin.wait_phase("pvc", "first", "Bound", namespace)
-        (shared.export / namespace / "shared" / "data.txt").write_text("first's data")
-        before = snapshot(shared.export)
-        admin.apply(claim("second", namespace, class_name))
-        event = admin.wait_event(namespace, "second", "ProvisioningFailed")
-        assert f'directory "{namespace}/shared" is already used by PersistentVolume' in event
-        assert first["spec"]["volumeName"] in event
-        assert admin.phase("pvc", "second", namespace) == "Pending"
-        assert snapshot(shared.export) == before
-    finally:
-        admin.run("delete", "storageclass", class_name)
+    admin.apply(claim("first", namespace, class_name))
+    first = admin.wait_phase("pvc", "first", "Bound", namespace)
+    (shared.export / namespace / "shared" / "data.txt").write_text("first's data")
+    before = snapshot(shared.export)
+    admin.apply(claim("second", namespace, class_name))
+    event = admin.wait_event(namespace, "second", "ProvisioningFailed")
+    assert f'directory "{namespace}/shared" is already used by PersistentVolume' in event
+    assert first["spec"]["volumeName"] in event
+    assert admin.phase("pvc", "second", namespace) == "Pending"
+    assert snapshot(shared.export) == before
 
 
 def test_hung_filesystem_call_fails_the_attempt_and_others_continue(
-    admin: Kube, provisioner: StartProvisioner, namespace: str, tmp_path: Path
+    admin: Kube,
+    provisioner: StartProvisioner,
+    namespace: str,
+    tmp_path: Path,
+    storage_classes: StorageClasses,
 ) -> None:
     faults = tmp_path / "faults.json"
     write_fault_rules(faults, [FaultRule(op="mkdir", match="-stuck-", effect="hang")])
     process = provisioner(NFS_PROVISIONER_UNSAFE_FAULTS_FILE=str(faults), FS_TIMEOUT="1")
-    class_name = unique("hang")
-    admin.apply(storage_class(class_name, process.name))
-    try:
-        admin.apply(claim("stuck", namespace, class_name))
-        admin.apply(claim("fine", namespace, class_name))
-        event = admin.wait_event(namespace, "stuck", "ProvisioningFailed")
-        assert "did not finish within 1 s; the NFS mount may be hung" in event
-        admin.wait_phase("pvc", "fine", "Bound", namespace)
-        assert admin.phase("pvc", "stuck", namespace) == "Pending"
-        # The mount recovers: the retry (with backoff) provisions the claim.
-        write_fault_rules(faults, [])
-        admin.wait_phase("pvc", "stuck", "Bound", namespace, timeout=120)
-    finally:
-        admin.run("delete", "storageclass", class_name)
+    class_name = storage_classes(process.name, prefix="hang")
+    admin.apply(claim("stuck", namespace, class_name))
+    admin.apply(claim("fine", namespace, class_name))
+    event = admin.wait_event(namespace, "stuck", "ProvisioningFailed")
+    assert "did not finish within 1 s; the NFS mount may be hung" in event
+    admin.wait_phase("pvc", "fine", "Bound", namespace)
+    assert admin.phase("pvc", "stuck", namespace) == "Pending"
+    # The mount recovers: the retry (with backoff) provisions the claim.
+    write_fault_rules(faults, [])
+    admin.wait_phase("pvc", "stuck", "Bound", namespace, timeout=120)
 
 
 def test_failing_filesystem_call_names_the_cause_and_a_hint(
-    admin: Kube, provisioner: StartProvisioner, namespace: str, tmp_path: Path
+    admin: Kube,
+    provisioner: StartProvisioner,
+    namespace: str,
+    tmp_path: Path,
+    storage_classes: StorageClasses,
 ) -> None:
     faults = tmp_path / "faults.json"
     write_fault_rules(faults, [FaultRule(op="mkdir", match="-denied-", errno="EACCES")])
     process = provisioner(NFS_PROVISIONER_UNSAFE_FAULTS_FILE=str(faults))
-    class_name = unique("eacces")
-    admin.apply(storage_class(class_name, process.name))
-    try:
-        admin.apply(claim("denied", namespace, class_name))
-        event = admin.wait_event(namespace, "denied", "ProvisioningFailed")
-        assert "Permission denied" in event or "permission denied" in event
-        assert "root_squash" in event
-        assert not any((tmp_path / "export").iterdir())
-    finally:
-        admin.run("delete", "storageclass", class_name)
+    class_name = storage_classes(process.name, prefix="eacces")
+    admin.apply(claim("denied", namespace, class_name))
+    event = admin.wait_event(namespace, "denied", "ProvisioningFailed")
+    assert "Permission denied" in event or "permission denied" in event
+    assert "root_squash" in event
+    assert not any((tmp_path / "export").iterdir())
 
 
 # --- process configuration and preflight ------------------------------------------------------
@@ -341,23 +331,17 @@ def test_check_passes_with_the_shipped_rbac(sa_kubeconfig: Path, tmp_path: Path)
 
 
 def test_claim_nested_inside_another_volume_is_refused(
-    admin: Kube, shared: Shared, namespace: str
+    admin: Kube, shared: Shared, namespace: str, storage_classes: StorageClasses
 ) -> None:
     """A crafted annotation must not hand one tenant a directory inside another's volume."""
-    class_name = unique("nest")
-    admin.apply(
-        storage_class(class_name, shared.process.name, {"pathPattern": "${.PVC.annotations.dir}"})
+    class_name = storage_classes(
+        shared.process.name, {"pathPattern": "${.PVC.annotations.dir}"}, prefix="nest"
     )
-    try:
-        admin.apply(claim("outer", namespace, class_name, annotations={"dir": f"{namespace}-v"}))
-        outer = admin.wait_phase("pvc", "outer", "Bound", namespace)
-        before = snapshot(shared.export)
-        admin.apply(
-            claim("inner", namespace, class_name, annotations={"dir": f"{namespace}-v/data"})
-        )
-        event = admin.wait_event(namespace, "inner", "ProvisioningFailed")
-        assert f'directory "{namespace}-v/data" is already used by PersistentVolume' in event
-        assert outer["spec"]["volumeName"] in event
-        assert snapshot(shared.export) == before
-    finally:
-        admin.run("delete", "storageclass", class_name)
+    admin.apply(claim("outer", namespace, class_name, annotations={"dir": f"{namespace}-v"}))
+    outer = admin.wait_phase("pvc", "outer", "Bound", namespace)
+    before = snapshot(shared.export)
+    admin.apply(claim("inner", namespace, class_name, annotations={"dir": f"{namespace}-v/data"}))
+    event = admin.wait_event(namespace, "inner", "ProvisioningFailed")
+    assert f'directory "{namespace}-v/data" is already used by PersistentVolume' in event
+    assert outer["spec"]["volumeName"] in event
+    assert snapshot(shared.export) == before

@@ -14,12 +14,11 @@ from pathlib import Path
 import pytest
 
 from provisioner.storage import FaultRule, write_fault_rules
-from tests.integration.conftest import SA_NAMESPACE, StartProvisioner
+from tests.integration.conftest import SA_NAMESPACE, StartProvisioner, StorageClasses
 from tests.integration.harness import (
     Kube,
     ProvisionerProcess,
     claim,
-    storage_class,
     unique,
     wait_for,
 )
@@ -79,6 +78,7 @@ def test_only_the_leader_provisions_and_a_standby_takes_over(
     lock: str,
     kind: str,
     stop: str,
+    storage_classes: StorageClasses,
 ) -> None:
     name = f"test.nfs.io/{unique('elect')}"
     lock_name = name.replace("/", "-")
@@ -91,52 +91,46 @@ def test_only_the_leader_provisions_and_a_standby_takes_over(
     leader = processes[leader_id]
     standby = second if leader is first else first
 
-    class_name = unique("elect")
-    admin.apply(storage_class(class_name, name))
-    try:
-        admin.apply(claim("one", namespace, class_name))
-        admin.wait_phase("pvc", "one", "Bound", namespace)
-        wait_provisioned_by(leader, "one")
-        assert not provisioned_by(standby, "one")
+    class_name = storage_classes(name, prefix="elect")
+    admin.apply(claim("one", namespace, class_name))
+    admin.wait_phase("pvc", "one", "Bound", namespace)
+    wait_provisioned_by(leader, "one")
+    assert not provisioned_by(standby, "one")
 
-        if kind == "endpoints":
-            obj = admin.get("endpoints", lock_name, SA_NAMESPACE)
-            assert obj is not None
-            record = json.loads(obj["metadata"]["annotations"][ANNOTATION])
-            assert set(record) == {
-                "holderIdentity",
-                "leaseDurationSeconds",
-                "acquireTime",
-                "renewTime",
-                "leaderTransitions",
-            }
-            assert record["leaseDurationSeconds"] == 15
-            assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", record["renewTime"])
-        if lock == "endpointsleases":
-            assert holder(admin, "lease", lock_name) == leader_id
-        events = [
-            e for e in admin.events(SA_NAMESPACE, lock_name) if e["reason"] == "LeaderElection"
-        ]
-        assert f"{leader_id} became leader" in [e["message"] for e in events]
+    if kind == "endpoints":
+        obj = admin.get("endpoints", lock_name, SA_NAMESPACE)
+        assert obj is not None
+        record = json.loads(obj["metadata"]["annotations"][ANNOTATION])
+        assert set(record) == {
+            "holderIdentity",
+            "leaseDurationSeconds",
+            "acquireTime",
+            "renewTime",
+            "leaderTransitions",
+        }
+        assert record["leaseDurationSeconds"] == 15
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", record["renewTime"])
+    if lock == "endpointsleases":
+        assert holder(admin, "lease", lock_name) == leader_id
+    events = [e for e in admin.events(SA_NAMESPACE, lock_name) if e["reason"] == "LeaderElection"]
+    assert f"{leader_id} became leader" in [e["message"] for e in events]
 
-        started = time.monotonic()
-        if stop == "SIGKILL":
-            leader.kill()
-        else:
-            assert leader.stop() == 0
-        standby_id = identity_of(standby)
-        wait_for(
-            "the standby to take over",
-            lambda: holder(admin, kind, lock_name) == standby_id,
-            timeout=60,
-        )
-        failover = time.monotonic() - started
-        admin.apply(claim("two", namespace, class_name))
-        admin.wait_phase("pvc", "two", "Bound", namespace)
-        wait_provisioned_by(standby, "two")
-        print(f"FAILOVER lock={lock} stop={stop}: standby holds the lock after {failover:.1f} s")
-    finally:
-        admin.run("delete", "storageclass", class_name)
+    started = time.monotonic()
+    if stop == "SIGKILL":
+        leader.kill()
+    else:
+        assert leader.stop() == 0
+    standby_id = identity_of(standby)
+    wait_for(
+        "the standby to take over",
+        lambda: holder(admin, kind, lock_name) == standby_id,
+        timeout=60,
+    )
+    failover = time.monotonic() - started
+    admin.apply(claim("two", namespace, class_name))
+    admin.wait_phase("pvc", "two", "Bound", namespace)
+    wait_provisioned_by(standby, "two")
+    print(f"FAILOVER lock={lock} stop={stop}: standby holds the lock after {failover:.1f} s")
 
 
 def scrape(process: ProvisionerProcess) -> dict[str, float]:
@@ -151,46 +145,40 @@ def scrape(process: ProvisionerProcess) -> dict[str, float]:
 
 
 def test_metrics_count_provisions_and_deletes_per_class(
-    admin: Kube, provisioner: StartProvisioner, namespace: str
+    admin: Kube, provisioner: StartProvisioner, namespace: str, storage_classes: StorageClasses
 ) -> None:
     process = provisioner()
-    classes = [unique("m-a"), unique("m-b")]
-    for class_name in classes:
-        admin.apply(storage_class(class_name, process.name, {"onDelete": "delete"}))
-    try:
-        admin.apply(
-            "\n---\n".join(
-                [claim(f"a{i}", namespace, classes[0]) for i in range(3)]
-                + [claim("b0", namespace, classes[1])]
-            )
+    classes = [
+        storage_classes(process.name, {"onDelete": "delete"}, prefix=prefix)
+        for prefix in ("m-a", "m-b")
+    ]
+    admin.apply(
+        "\n---\n".join(
+            [claim(f"a{i}", namespace, classes[0]) for i in range(3)]
+            + [claim("b0", namespace, classes[1])]
         )
-        for name in ("a0", "a1", "a2", "b0"):
-            admin.wait_phase("pvc", name, "Bound", namespace)
-        admin.run("delete", "pvc", "a0", "a1", "-n", namespace, "--wait=false")
+    )
+    for name in ("a0", "a1", "a2", "b0"):
+        admin.wait_phase("pvc", name, "Bound", namespace)
+    admin.run("delete", "pvc", "a0", "a1", "-n", namespace, "--wait=false")
 
-        def deletes_counted() -> dict[str, float] | None:
-            samples = scrape(process)
-            key = f'controller_persistentvolume_delete_total{{class="{classes[0]}"}}'
-            return samples if samples.get(key) == 2 else None
+    def deletes_counted() -> dict[str, float] | None:
+        samples = scrape(process)
+        key = f'controller_persistentvolume_delete_total{{class="{classes[0]}"}}'
+        return samples if samples.get(key) == 2 else None
 
-        samples = wait_for("2 deletes counted", deletes_counted)
-        a, b = classes
-        assert samples[f'controller_persistentvolumeclaim_provision_total{{class="{a}"}}'] == 3
-        assert samples[f'controller_persistentvolumeclaim_provision_total{{class="{b}"}}'] == 1
-        assert f'controller_persistentvolume_delete_total{{class="{b}"}}' not in samples
-        assert (
-            samples[
-                f'controller_persistentvolumeclaim_provision_duration_seconds_count{{class="{a}"}}'
-            ]
-            == 3
-        )
-        assert samples["nfs_provisioner_leader"] == 1
-        assert samples['nfs_provisioner_watched_objects{kind="claim"}'] >= 2
-        assert any(
-            k.startswith("nfs_provisioner_filesystem_call_duration_seconds") for k in samples
-        )
-    finally:
-        admin.run("delete", "storageclass", *classes)
+    samples = wait_for("2 deletes counted", deletes_counted)
+    a, b = classes
+    assert samples[f'controller_persistentvolumeclaim_provision_total{{class="{a}"}}'] == 3
+    assert samples[f'controller_persistentvolumeclaim_provision_total{{class="{b}"}}'] == 1
+    assert f'controller_persistentvolume_delete_total{{class="{b}"}}' not in samples
+    assert (
+        samples[f'controller_persistentvolumeclaim_provision_duration_seconds_count{{class="{a}"}}']
+        == 3
+    )
+    assert samples["nfs_provisioner_leader"] == 1
+    assert samples['nfs_provisioner_watched_objects{kind="claim"}'] >= 2
+    assert any(k.startswith("nfs_provisioner_filesystem_call_duration_seconds") for k in samples)
 
 
 def test_readyz_flips_when_the_mount_becomes_unwritable(

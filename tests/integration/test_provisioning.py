@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import StartProvisioner
+from tests.integration.conftest import StartProvisioner, StorageClasses
 from tests.integration.harness import (
     NFS_PATH,
     NFS_SERVER,
@@ -109,27 +109,30 @@ def test_seeds_flow_binds_and_writes_the_expected_volume(
 
 
 def test_claim_without_class_gets_the_default_class(
-    admin: Kube, provisioner: StartProvisioner, namespace: str, tmp_path: Path
+    admin: Kube,
+    provisioner: StartProvisioner,
+    namespace: str,
+    tmp_path: Path,
+    storage_classes: StorageClasses,
 ) -> None:
     process = provisioner()
-    class_name = unique("default-nfs")
-    admin.apply(storage_class(class_name, process.name, default=True))
-    try:
-        admin.apply(claim("no-class", namespace, None))
-        pvc = admin.wait_phase("pvc", "no-class", "Bound", namespace)
-        assert pvc["spec"]["storageClassName"] == class_name
-        assert (tmp_path / "export" / f"{namespace}-no-class-{pvc['spec']['volumeName']}").is_dir()
-    finally:
-        admin.run("delete", "storageclass", class_name)
+    class_name = storage_classes(process.name, prefix="default-nfs", default=True)
+    admin.apply(claim("no-class", namespace, None))
+    pvc = admin.wait_phase("pvc", "no-class", "Bound", namespace)
+    assert pvc["spec"]["storageClassName"] == class_name
+    assert (tmp_path / "export" / f"{namespace}-no-class-{pvc['spec']['volumeName']}").is_dir()
 
 
 def test_path_pattern_with_labels_and_annotations_nests_directories(
-    admin: Kube, provisioner: StartProvisioner, namespace: str, tmp_path: Path
+    admin: Kube,
+    provisioner: StartProvisioner,
+    namespace: str,
+    storage_classes: StorageClasses,
+    tmp_path: Path,
 ) -> None:
     process = provisioner()
-    class_name = unique("pattern")
     pattern = "${.PVC.namespace}/${.PVC.labels.app}/${.PVC.annotations.nfs.io/storage-path}"
-    admin.apply(storage_class(class_name, process.name, {"pathPattern": pattern}))
+    class_name = storage_classes(process.name, {"pathPattern": pattern}, prefix="pattern")
     admin.apply(
         claim(
             "data",
@@ -151,11 +154,14 @@ def test_path_pattern_with_labels_and_annotations_nests_directories(
 
 
 def test_twenty_claims_at_once_bind_to_distinct_directories(
-    admin: Kube, provisioner: StartProvisioner, namespace: str, tmp_path: Path
+    admin: Kube,
+    provisioner: StartProvisioner,
+    namespace: str,
+    storage_classes: StorageClasses,
+    tmp_path: Path,
 ) -> None:
     process = provisioner()
-    class_name = unique("many")
-    admin.apply(storage_class(class_name, process.name))
+    class_name = storage_classes(process.name, prefix="many")
     names = [f"c{i:02d}" for i in range(20)]
     admin.apply("\n---\n".join(claim(n, namespace, class_name) for n in names))
 
@@ -176,12 +182,15 @@ def test_twenty_claims_at_once_bind_to_distinct_directories(
 
 
 def test_leftover_directory_is_reused_and_the_event_says_so(
-    admin: Kube, provisioner: StartProvisioner, namespace: str, tmp_path: Path
+    admin: Kube,
+    provisioner: StartProvisioner,
+    namespace: str,
+    storage_classes: StorageClasses,
+    tmp_path: Path,
 ) -> None:
     process = provisioner()
-    class_name = unique("stable")
-    admin.apply(
-        storage_class(class_name, process.name, {"pathPattern": "${.PVC.namespace}-${.PVC.name}"})
+    class_name = storage_classes(
+        process.name, {"pathPattern": "${.PVC.namespace}-${.PVC.name}"}, prefix="stable"
     )
     leftover = tmp_path / "export" / f"{namespace}-db"
     leftover.mkdir()
@@ -206,13 +215,16 @@ def test_missing_class_is_waited_for(
 
 
 def test_crash_mid_batch_converges_to_one_directory_and_one_volume_per_claim(
-    admin: Kube, provisioner: StartProvisioner, namespace: str, tmp_path: Path
+    admin: Kube,
+    provisioner: StartProvisioner,
+    namespace: str,
+    storage_classes: StorageClasses,
+    tmp_path: Path,
 ) -> None:
     export = tmp_path / "export"
     # Slow enough (2 workers, 5 API requests/s) that the kill lands in the middle of the batch.
     process = provisioner(WORKERS="2", KUBE_API_QPS="5", KUBE_API_BURST="5")
-    class_name = unique("crash")
-    admin.apply(storage_class(class_name, process.name))
+    class_name = storage_classes(process.name, prefix="crash")
     names = [f"k{i:02d}" for i in range(30)]
     admin.apply("\n---\n".join(claim(n, namespace, class_name) for n in names))
     wait_for("the first directory", lambda: any(export.iterdir()), timeout=60, interval=0.02)

@@ -14,14 +14,12 @@ from typing import Any
 import pytest
 
 from provisioner.storage import FaultRule, write_fault_rules
-from tests.integration.conftest import StartProvisioner
+from tests.integration.conftest import StartProvisioner, StorageClasses
 from tests.integration.harness import (
     Kube,
     ProvisionerProcess,
     claim,
     snapshot,
-    storage_class,
-    unique,
     wait_for,
 )
 
@@ -83,196 +81,185 @@ def test_on_delete_table(
     namespace: str,
     parameters: dict[str, str],
     fate: str,
+    storage_classes: StorageClasses,
 ) -> None:
     process, export = setup
-    class_name = unique("release")
-    admin.apply(storage_class(class_name, process.name, parameters))
-    try:
-        p = provision(admin, namespace, class_name, export)
-        delete_claim(admin, p)
-        admin.wait_gone("pv", p.volume)
-        archive = p.directory.parent / f"archived-{p.directory.name}"
-        if fate == "removed":
-            assert not p.directory.exists()
-            assert not archive.exists()
-            assert "deleted" in admin.wait_event(None, p.volume, "VolumeDeleted")
-        elif fate == "kept":
-            assert (p.directory / "SUCCESS").read_text() == f"{namespace}/data"
-            assert "kept" in admin.wait_event(None, p.volume, "VolumeRetained")
-        else:
-            assert not p.directory.exists()
-            assert (archive / "SUCCESS").read_text() == f"{namespace}/data"
-            message = admin.wait_event(None, p.volume, "VolumeArchived")
-            assert f'archived as "{archive.name}"' in message
-        assert sorted(export.iterdir()) == sorted(
-            {"removed": [], "kept": [p.directory], "archived": [archive]}[fate]
-        )
-    finally:
-        admin.run("delete", "storageclass", class_name)
+    class_name = storage_classes(process.name, parameters, prefix="release")
+    p = provision(admin, namespace, class_name, export)
+    delete_claim(admin, p)
+    admin.wait_gone("pv", p.volume)
+    archive = p.directory.parent / f"archived-{p.directory.name}"
+    if fate == "removed":
+        assert not p.directory.exists()
+        assert not archive.exists()
+        assert "deleted" in admin.wait_event(None, p.volume, "VolumeDeleted")
+    elif fate == "kept":
+        assert (p.directory / "SUCCESS").read_text() == f"{namespace}/data"
+        assert "kept" in admin.wait_event(None, p.volume, "VolumeRetained")
+    else:
+        assert not p.directory.exists()
+        assert (archive / "SUCCESS").read_text() == f"{namespace}/data"
+        message = admin.wait_event(None, p.volume, "VolumeArchived")
+        assert f'archived as "{archive.name}"' in message
+    assert sorted(export.iterdir()) == sorted(
+        {"removed": [], "kept": [p.directory], "archived": [archive]}[fate]
+    )
 
 
 def test_pv_deleted_first_is_cleaned_when_its_claim_lets_go(
-    admin: Kube, setup: tuple[ProvisionerProcess, Path], namespace: str
+    admin: Kube,
+    setup: tuple[ProvisionerProcess, Path],
+    namespace: str,
+    storage_classes: StorageClasses,
 ) -> None:
     process, export = setup
-    class_name = unique("pvfirst")
-    admin.apply(storage_class(class_name, process.name, {"onDelete": "delete"}))
-    try:
-        p = provision(admin, namespace, class_name, export)
-        admin.run("delete", "pv", p.volume, "--wait=false")
-        pv = wait_for(
-            "the PV to be Terminating",
-            lambda: (
-                (o := admin.get("pv", p.volume)) and o["metadata"].get("deletionTimestamp") and o
-            ),
-        )
-        assert FINALIZER in pv["metadata"]["finalizers"]
-        # Bound: a pod may still write to it, so the directory stays until the claim goes.
-        assert (p.directory / "SUCCESS").exists()
-        delete_claim(admin, p)
-        admin.wait_gone("pv", p.volume)
-        assert not p.directory.exists()
-    finally:
-        admin.run("delete", "storageclass", class_name)
+    class_name = storage_classes(process.name, {"onDelete": "delete"}, prefix="pvfirst")
+    p = provision(admin, namespace, class_name, export)
+    admin.run("delete", "pv", p.volume, "--wait=false")
+    pv = wait_for(
+        "the PV to be Terminating",
+        lambda: (o := admin.get("pv", p.volume)) and o["metadata"].get("deletionTimestamp") and o,
+    )
+    assert FINALIZER in pv["metadata"]["finalizers"]
+    # Bound: a pod may still write to it, so the directory stays until the claim goes.
+    assert (p.directory / "SUCCESS").exists()
+    delete_claim(admin, p)
+    admin.wait_gone("pv", p.volume)
+    assert not p.directory.exists()
 
 
 def test_retain_touches_nothing_and_leaves_no_finalizer(
-    admin: Kube, setup: tuple[ProvisionerProcess, Path], namespace: str
+    admin: Kube,
+    setup: tuple[ProvisionerProcess, Path],
+    namespace: str,
+    storage_classes: StorageClasses,
 ) -> None:
     process, export = setup
-    class_name = unique("retain")
-    admin.apply(
-        storage_class(class_name, process.name, {"onDelete": "delete"}, reclaim_policy="Retain")
+    class_name = storage_classes(
+        process.name, {"onDelete": "delete"}, prefix="retain", reclaim_policy="Retain"
     )
-    try:
-        p = provision(admin, namespace, class_name, export)
-        delete_claim(admin, p)
-        pv = admin.wait_phase("pv", p.volume, "Released")
-        assert FINALIZER not in pv["metadata"].get("finalizers", [])
-        assert (p.directory / "SUCCESS").exists()
-        admin.run("delete", "pv", p.volume)  # the admin deletes it by hand
-        admin.wait_gone("pv", p.volume)
-        assert (p.directory / "SUCCESS").exists()
-    finally:
-        admin.run("delete", "storageclass", class_name)
+    p = provision(admin, namespace, class_name, export)
+    delete_claim(admin, p)
+    pv = admin.wait_phase("pv", p.volume, "Released")
+    assert FINALIZER not in pv["metadata"].get("finalizers", [])
+    assert (p.directory / "SUCCESS").exists()
+    admin.run("delete", "pv", p.volume)  # the admin deletes it by hand
+    admin.wait_gone("pv", p.volume)
+    assert (p.directory / "SUCCESS").exists()
 
 
 def test_admin_switching_a_pv_to_retain_wins_over_the_recorded_policy(
-    admin: Kube, setup: tuple[ProvisionerProcess, Path], namespace: str
+    admin: Kube,
+    setup: tuple[ProvisionerProcess, Path],
+    namespace: str,
+    storage_classes: StorageClasses,
 ) -> None:
     process, export = setup
-    class_name = unique("switch")
-    admin.apply(storage_class(class_name, process.name, {"onDelete": "delete"}))
-    try:
-        p = provision(admin, namespace, class_name, export)
-        admin.run(
-            "patch", "pv", p.volume, "-p", '{"spec":{"persistentVolumeReclaimPolicy":"Retain"}}'
-        )
-        delete_claim(admin, p)
-        admin.wait_phase("pv", p.volume, "Released")
-        message = admin.wait_event(None, p.volume, "VolumeRetained")
-        assert "Reclaim policy is Retain" in message
-        wait_for(
-            "our finalizer to be removed",
-            lambda: (
-                FINALIZER not in (admin.get("pv", p.volume) or {})["metadata"].get("finalizers", [])
-            ),
-        )
-        assert (p.directory / "SUCCESS").exists()
-        admin.run("delete", "pv", p.volume)
-        admin.wait_gone("pv", p.volume)
-    finally:
-        admin.run("delete", "storageclass", class_name)
+    class_name = storage_classes(process.name, {"onDelete": "delete"}, prefix="switch")
+    p = provision(admin, namespace, class_name, export)
+    admin.run("patch", "pv", p.volume, "-p", '{"spec":{"persistentVolumeReclaimPolicy":"Retain"}}')
+    delete_claim(admin, p)
+    admin.wait_phase("pv", p.volume, "Released")
+    message = admin.wait_event(None, p.volume, "VolumeRetained")
+    assert "Reclaim policy is Retain" in message
+    wait_for(
+        "our finalizer to be removed",
+        lambda: (
+            FINALIZER not in (admin.get("pv", p.volume) or {})["metadata"].get("finalizers", [])
+        ),
+    )
+    assert (p.directory / "SUCCESS").exists()
+    admin.run("delete", "pv", p.volume)
+    admin.wait_gone("pv", p.volume)
 
 
 def test_archive_name_collision_gets_a_suffix(
-    admin: Kube, setup: tuple[ProvisionerProcess, Path], namespace: str
+    admin: Kube,
+    setup: tuple[ProvisionerProcess, Path],
+    namespace: str,
+    storage_classes: StorageClasses,
 ) -> None:
     process, export = setup
-    class_name = unique("gen")
-    admin.apply(
-        storage_class(class_name, process.name, {"pathPattern": "${.PVC.namespace}-${.PVC.name}"})
+    class_name = storage_classes(
+        process.name, {"pathPattern": "${.PVC.namespace}-${.PVC.name}"}, prefix="gen"
     )
-    try:
-        for generation in (1, 2):
-            p = provision(admin, namespace, class_name, export, name="gen")
-            (p.directory / "generation").write_text(str(generation))
-            delete_claim(admin, p)
-            admin.wait_gone("pv", p.volume)
-            admin.wait_gone("pvc", "gen", namespace)
-        first = export / f"archived-{namespace}-gen"
-        second = export / f"archived-{namespace}-gen-2"
-        assert (first / "generation").read_text() == "1"
-        assert (second / "generation").read_text() == "2"
-        assert not (export / f"{namespace}-gen").exists()
-    finally:
-        admin.run("delete", "storageclass", class_name)
+    for generation in (1, 2):
+        p = provision(admin, namespace, class_name, export, name="gen")
+        (p.directory / "generation").write_text(str(generation))
+        delete_claim(admin, p)
+        admin.wait_gone("pv", p.volume)
+        admin.wait_gone("pvc", "gen", namespace)
+    first = export / f"archived-{namespace}-gen"
+    second = export / f"archived-{namespace}-gen-2"
+    assert (first / "generation").read_text() == "1"
+    assert (second / "generation").read_text() == "2"
+    assert not (export / f"{namespace}-gen").exists()
 
 
 @pytest.mark.parametrize("policy", ["delete", "archive"])
 def test_nested_path_pattern_is_released_in_place_and_parents_stay(
-    admin: Kube, setup: tuple[ProvisionerProcess, Path], namespace: str, policy: str
+    admin: Kube,
+    setup: tuple[ProvisionerProcess, Path],
+    namespace: str,
+    policy: str,
+    storage_classes: StorageClasses,
 ) -> None:
     process, export = setup
-    class_name = unique("nested")
-    admin.apply(
-        storage_class(
-            class_name,
-            process.name,
-            {"pathPattern": "${.PVC.namespace}/${.PVC.name}", "onDelete": policy},
-        )
+    class_name = storage_classes(
+        process.name,
+        {"pathPattern": "${.PVC.namespace}/${.PVC.name}", "onDelete": policy},
+        prefix="nested",
     )
-    try:
-        p = provision(admin, namespace, class_name, export)
-        assert p.directory == export / namespace / "data"
-        delete_claim(admin, p)
-        admin.wait_gone("pv", p.volume)
-        assert not p.directory.exists()
-        expected = ["archived-data"] if policy == "archive" else []
-        assert sorted(x.name for x in (export / namespace).iterdir()) == expected
-    finally:
-        admin.run("delete", "storageclass", class_name)
+    p = provision(admin, namespace, class_name, export)
+    assert p.directory == export / namespace / "data"
+    delete_claim(admin, p)
+    admin.wait_gone("pv", p.volume)
+    assert not p.directory.exists()
+    expected = ["archived-data"] if policy == "archive" else []
+    assert sorted(x.name for x in (export / namespace).iterdir()) == expected
 
 
 @pytest.mark.parametrize("recorded", ["../..", ".", "/etc"])
 def test_edited_pv_annotation_is_refused_and_nothing_moves(
-    admin: Kube, setup: tuple[ProvisionerProcess, Path], namespace: str, recorded: str
+    admin: Kube,
+    setup: tuple[ProvisionerProcess, Path],
+    namespace: str,
+    recorded: str,
+    storage_classes: StorageClasses,
 ) -> None:
     process, export = setup
-    class_name = unique("tamper")
-    admin.apply(storage_class(class_name, process.name, {"onDelete": "delete"}))
-    try:
-        p = provision(admin, namespace, class_name, export)
-        admin.run(
-            "annotate", "pv", p.volume, "--overwrite", f"nfs.provisioner.dev/directory={recorded}"
-        )
-        before = snapshot(export)
-        delete_claim(admin, p)
-        message = admin.wait_event(None, p.volume, "VolumeFailedDelete")
-        assert f'recorded directory "{recorded}" is unsafe' in message
-        assert p.volume in message
-        assert snapshot(export) == before
-        assert admin.get("pv", p.volume) is not None
-        # Repairing the record lets the retry (with backoff) finish the release.
-        admin.run(
-            "annotate",
-            "pv",
-            p.volume,
-            "--overwrite",
-            f"nfs.provisioner.dev/directory={p.directory.name}",
-        )
-        admin.wait_gone("pv", p.volume)
-        assert not p.directory.exists()
-    finally:
-        admin.run("delete", "storageclass", class_name)
+    class_name = storage_classes(process.name, {"onDelete": "delete"}, prefix="tamper")
+    p = provision(admin, namespace, class_name, export)
+    admin.run(
+        "annotate", "pv", p.volume, "--overwrite", f"nfs.provisioner.dev/directory={recorded}"
+    )
+    before = snapshot(export)
+    delete_claim(admin, p)
+    message = admin.wait_event(None, p.volume, "VolumeFailedDelete")
+    assert f'recorded directory "{recorded}" is unsafe' in message
+    assert p.volume in message
+    assert snapshot(export) == before
+    assert admin.get("pv", p.volume) is not None
+    # Repairing the record lets the retry (with backoff) finish the release.
+    admin.run(
+        "annotate",
+        "pv",
+        p.volume,
+        "--overwrite",
+        f"nfs.provisioner.dev/directory={p.directory.name}",
+    )
+    admin.wait_gone("pv", p.volume)
+    assert not p.directory.exists()
 
 
 def test_deleted_storage_class_still_gets_the_recorded_policy(
-    admin: Kube, setup: tuple[ProvisionerProcess, Path], namespace: str
+    admin: Kube,
+    setup: tuple[ProvisionerProcess, Path],
+    namespace: str,
+    storage_classes: StorageClasses,
 ) -> None:
     process, export = setup
-    class_name = unique("gone")
-    admin.apply(storage_class(class_name, process.name, {"onDelete": "delete"}))
+    class_name = storage_classes(process.name, {"onDelete": "delete"}, prefix="gone")
     p = provision(admin, namespace, class_name, export)
     admin.run("delete", "storageclass", class_name)
     delete_claim(admin, p)
@@ -282,22 +269,21 @@ def test_deleted_storage_class_still_gets_the_recorded_policy(
 
 
 def test_missing_directory_is_success_with_a_warning(
-    admin: Kube, setup: tuple[ProvisionerProcess, Path], namespace: str
+    admin: Kube,
+    setup: tuple[ProvisionerProcess, Path],
+    namespace: str,
+    storage_classes: StorageClasses,
 ) -> None:
     process, export = setup
-    class_name = unique("vanished")
-    admin.apply(storage_class(class_name, process.name, {"onDelete": "archive"}))
-    try:
-        p = provision(admin, namespace, class_name, export)
-        (p.directory / "SUCCESS").unlink()
-        p.directory.rmdir()
-        delete_claim(admin, p)
-        admin.wait_gone("pv", p.volume)
-        assert "already missing" in admin.wait_event(None, p.volume, "VolumeArchived")
-        assert not any(export.iterdir())
-        assert "was already missing" in process.logs()
-    finally:
-        admin.run("delete", "storageclass", class_name)
+    class_name = storage_classes(process.name, {"onDelete": "archive"}, prefix="vanished")
+    p = provision(admin, namespace, class_name, export)
+    (p.directory / "SUCCESS").unlink()
+    p.directory.rmdir()
+    delete_claim(admin, p)
+    admin.wait_gone("pv", p.volume)
+    assert "already missing" in admin.wait_event(None, p.volume, "VolumeArchived")
+    assert not any(export.iterdir())
+    assert "was already missing" in process.logs()
 
 
 @pytest.mark.parametrize(
@@ -314,6 +300,7 @@ def test_failing_remove_reports_and_other_volumes_complete(
     tmp_path: Path,
     effect: str,
     expected: str,
+    storage_classes: StorageClasses,
 ) -> None:
     faults = tmp_path / "faults.json"
     write_fault_rules(
@@ -322,103 +309,96 @@ def test_failing_remove_reports_and_other_volumes_complete(
     )
     process = provisioner(NFS_PROVISIONER_UNSAFE_FAULTS_FILE=str(faults), FS_TIMEOUT="1")
     export = tmp_path / "export"
-    class_name = unique("faulty")
-    admin.apply(storage_class(class_name, process.name, {"onDelete": "delete"}))
-    try:
-        blocked = provision(admin, namespace, class_name, export, name="blocked")
-        fine = provision(admin, namespace, class_name, export, name="fine")
-        delete_claim(admin, blocked)
-        delete_claim(admin, fine)
-        message = admin.wait_event(None, blocked.volume, "VolumeFailedDelete")
-        assert expected in message
-        admin.wait_gone("pv", fine.volume)
-        assert not fine.directory.exists()
-        assert (blocked.directory / "SUCCESS").exists()
-        assert admin.get("pv", blocked.volume) is not None
-        write_fault_rules(faults, [])  # the export recovers; the retry finishes the job
-        admin.wait_gone("pv", blocked.volume, timeout=120)
-        assert not blocked.directory.exists()
-    finally:
-        admin.run("delete", "storageclass", class_name)
+    class_name = storage_classes(process.name, {"onDelete": "delete"}, prefix="faulty")
+    blocked = provision(admin, namespace, class_name, export, name="blocked")
+    fine = provision(admin, namespace, class_name, export, name="fine")
+    delete_claim(admin, blocked)
+    delete_claim(admin, fine)
+    message = admin.wait_event(None, blocked.volume, "VolumeFailedDelete")
+    assert expected in message
+    admin.wait_gone("pv", fine.volume)
+    assert not fine.directory.exists()
+    assert (blocked.directory / "SUCCESS").exists()
+    assert admin.get("pv", blocked.volume) is not None
+    write_fault_rules(faults, [])  # the export recovers; the retry finishes the job
+    admin.wait_gone("pv", blocked.volume, timeout=120)
+    assert not blocked.directory.exists()
 
 
 def test_statefulset_style_claims_are_created_and_released(
-    admin: Kube, setup: tuple[ProvisionerProcess, Path], namespace: str
+    admin: Kube,
+    setup: tuple[ProvisionerProcess, Path],
+    namespace: str,
+    storage_classes: StorageClasses,
 ) -> None:
     process, export = setup
-    class_name = unique("sts")
-    admin.apply(storage_class(class_name, process.name, {"archiveOnDelete": "false"}))
-    try:
-        claims = [
-            provision(
-                admin, namespace, class_name, export, name=f"data-web-{i}", labels={"app": "web"}
-            )
-            for i in range(2)
-        ]
-        assert sorted(c.directory.name for c in claims) == sorted(
-            f"{namespace}-data-web-{i}-{c.volume}" for i, c in enumerate(claims)
-        )
-        admin.run("delete", "pvc", "-l", "app=web", "-n", namespace, "--wait=false")
-        for c in claims:
-            admin.wait_gone("pv", c.volume)
-        assert not any(export.iterdir())
-    finally:
-        admin.run("delete", "storageclass", class_name)
+    class_name = storage_classes(process.name, {"archiveOnDelete": "false"}, prefix="sts")
+    claims = [
+        provision(admin, namespace, class_name, export, name=f"data-web-{i}", labels={"app": "web"})
+        for i in range(2)
+    ]
+    assert sorted(c.directory.name for c in claims) == sorted(
+        f"{namespace}-data-web-{i}-{c.volume}" for i, c in enumerate(claims)
+    )
+    admin.run("delete", "pvc", "-l", "app=web", "-n", namespace, "--wait=false")
+    for c in claims:
+        admin.wait_gone("pv", c.volume)
+    assert not any(export.iterdir())
 
 
 def test_crash_mid_batch_of_releases_converges(
-    admin: Kube, provisioner: StartProvisioner, namespace: str, tmp_path: Path
+    admin: Kube,
+    provisioner: StartProvisioner,
+    namespace: str,
+    tmp_path: Path,
+    storage_classes: StorageClasses,
 ) -> None:
     export = tmp_path / "export"
     process = provisioner()
-    delete_class, archive_class = unique("crash-del"), unique("crash-arc")
-    admin.apply(storage_class(delete_class, process.name, {"onDelete": "delete"}))
-    admin.apply(storage_class(archive_class, process.name, {"onDelete": "archive"}))
-    try:
-        names = [f"r{i:02d}" for i in range(20)]
-        admin.apply(
-            "\n---\n".join(
-                claim(n, namespace, delete_class if i % 2 else archive_class)
-                for i, n in enumerate(names)
-            )
+    delete_class = storage_classes(process.name, {"onDelete": "delete"}, prefix="crash-del")
+    archive_class = storage_classes(process.name, {"onDelete": "archive"}, prefix="crash-arc")
+    names = [f"r{i:02d}" for i in range(20)]
+    admin.apply(
+        "\n---\n".join(
+            claim(n, namespace, delete_class if i % 2 else archive_class)
+            for i, n in enumerate(names)
         )
+    )
 
-        def all_bound() -> list[dict[str, Any]] | None:
-            items = admin.items("pvc", namespace)
-            bound = [c for c in items if c.get("status", {}).get("phase") == "Bound"]
-            return bound if len(bound) == len(names) else None
+    def all_bound() -> list[dict[str, Any]] | None:
+        items = admin.items("pvc", namespace)
+        bound = [c for c in items if c.get("status", {}).get("phase") == "Bound"]
+        return bound if len(bound) == len(names) else None
 
-        bound = wait_for("claims Bound", all_bound, timeout=120)
-        process.stop()
-        # Slow the next run down so that the kill lands in the middle of the releases.
-        slow = provisioner(
-            name=process.name, export=export, WORKERS="1", KUBE_API_QPS="4", KUBE_API_BURST="4"
-        )
-        admin.run("delete", "pvc", "--all", "-n", namespace, "--wait=false")
-        wait_for(
-            "the first release",
-            lambda: (
-                any(p.name.startswith("archived-") for p in export.iterdir())
-                or len(list(export.iterdir())) < len(names)
-            ),
-            timeout=60,
-            interval=0.02,
-        )
-        slow.kill()
-        remaining = [
-            pv
-            for pv in admin.items("pv")
-            if pv["spec"].get("storageClassName") in (delete_class, archive_class)
-        ]
-        assert remaining, "the kill came after every release; nothing was tested"
-        provisioner(name=process.name, export=export)
-        for c in bound:
-            admin.wait_gone("pv", c["spec"]["volumeName"], timeout=120)
-        expected = sorted(
-            f"archived-{namespace}-{c['metadata']['name']}-{c['spec']['volumeName']}"
-            for c in bound
-            if c["spec"]["storageClassName"] == archive_class
-        )
-        assert sorted(p.name for p in export.iterdir()) == expected
-    finally:
-        admin.run("delete", "storageclass", delete_class, archive_class)
+    bound = wait_for("claims Bound", all_bound, timeout=120)
+    process.stop()
+    # Slow the next run down so that the kill lands in the middle of the releases.
+    slow = provisioner(
+        name=process.name, export=export, WORKERS="1", KUBE_API_QPS="4", KUBE_API_BURST="4"
+    )
+    admin.run("delete", "pvc", "--all", "-n", namespace, "--wait=false")
+    wait_for(
+        "the first release",
+        lambda: (
+            any(p.name.startswith("archived-") for p in export.iterdir())
+            or len(list(export.iterdir())) < len(names)
+        ),
+        timeout=60,
+        interval=0.02,
+    )
+    slow.kill()
+    remaining = [
+        pv
+        for pv in admin.items("pv")
+        if pv["spec"].get("storageClassName") in (delete_class, archive_class)
+    ]
+    assert remaining, "the kill came after every release; nothing was tested"
+    provisioner(name=process.name, export=export)
+    for c in bound:
+        admin.wait_gone("pv", c["spec"]["volumeName"], timeout=120)
+    expected = sorted(
+        f"archived-{namespace}-{c['metadata']['name']}-{c['spec']['volumeName']}"
+        for c in bound
+        if c["spec"]["storageClassName"] == archive_class
+    )
+    assert sorted(p.name for p in export.iterdir()) == expected

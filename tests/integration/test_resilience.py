@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 
 from controlplane.runner import KUBE_APISERVER, KUBE_CONTROLLER_MANAGER, ControlPlane
-from tests.integration.conftest import StartProvisioner
-from tests.integration.harness import Kube, claim, storage_class, unique, wait_for
+from tests.integration.conftest import StartProvisioner, StorageClasses
+from tests.integration.harness import Kube, claim, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -75,17 +75,15 @@ def test_apiserver_restart_resumes_watches_and_loses_or_duplicates_nothing(
     namespace: str,
     control_plane: ControlPlane,
     tmp_path: Path,
+    storage_classes: StorageClasses,
 ) -> None:
     server = control_plane.server
     export = tmp_path / "export"
     process = provisioner()
     assert process.process is not None
-    before_class = unique("restart")
-    after_class = unique("after-restart")
-    classes = [before_class]
     params = {"onDelete": "delete"}
     try:
-        admin.apply(storage_class(before_class, process.name, params))
+        before_class = storage_classes(process.name, params, prefix="restart")
         admin.apply(claim("first", namespace, before_class))
         first = admin.wait_phase("pvc", "first", "Bound", namespace, timeout=WAIT)
         first_pv = first["spec"]["volumeName"]
@@ -115,8 +113,8 @@ def test_apiserver_restart_resumes_watches_and_loses_or_duplicates_nothing(
         assert answer["type"] == "ERROR", answer
         assert answer["object"]["code"] == 410, answer
 
-        classes.append(after_class)
-        admin.apply(storage_class(after_class, process.name, params))
+        after_class = storage_classes(process.name, params, prefix="after-restart")
+        classes = [before_class, after_class]
         names = [f"c{i}" for i in range(N)]
         admin.apply(
             "\n---\n".join(claim(n, namespace, classes[i % 2]) for i, n in enumerate(names))
@@ -156,8 +154,4 @@ def test_apiserver_restart_resumes_watches_and_loses_or_duplicates_nothing(
         assert process.process.poll() is None, process.logs()[-5000:]
         wait_for("the provisioner to be ready", process.ready, timeout=WAIT)
     finally:
-        try:
-            _heal(control_plane, server)
-        finally:
-            for name in classes:
-                admin.run("delete", "storageclass", name, "--ignore-not-found", check=False)
+        _heal(control_plane, server)
