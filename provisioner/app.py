@@ -27,6 +27,7 @@ from provisioner.leader import LeaderElector, LeadershipLost, make_lock
 from provisioner.metrics import Metrics
 from provisioner.reconciler import Identity, Reconciler, resync_forever
 from provisioner.storage import FaultInjectingFilesystem, Filesystem, LocalFilesystem, Storage
+from provisioner.sweep import sweep
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +111,8 @@ class Provisioner:
 
     async def _lead(self) -> None:
         """What only the leader does: reconcile, from watch events and the periodic resync."""
+        # Before any worker runs, so no provisioning of ours races the sweep (see sweep.py).
+        await sweep(self.storage, self.kube, self.settings.nfs_path)
         self.reconciler.resync()  # everything the cache gathered while standing by
         await asyncio.gather(
             self.reconciler.queue.run(),

@@ -209,6 +209,24 @@ class KubeApi:
         except NotFound:
             return None
 
+    async def list_all(self, path: str, page: int = 500) -> list[JSON]:
+        """Every item of a list, fetched in pages of ``page`` (limit/continue)."""
+        items: list[JSON] = []
+        query = {"limit": str(page)}
+        while True:
+            result = await self.request("GET", path, query=query)
+            items.extend(result.get("items") or [])
+            token = (result.get("metadata") or {}).get("continue")
+            if not token:
+                return items
+            query = {"limit": str(page), "continue": str(token)}
+
+    async def list_claims(self) -> list[JSON]:
+        return await self.list_all("/api/v1/persistentvolumeclaims")
+
+    async def list_volumes(self) -> list[JSON]:
+        return await self.list_all("/api/v1/persistentvolumes")
+
     # --- Events --------------------------------------------------------------------------------
 
     async def post_event(

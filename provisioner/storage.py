@@ -18,6 +18,7 @@ import queue
 import shutil
 import threading
 import time
+import typing
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -118,6 +119,12 @@ class Filesystem(Protocol):
 
     def rmtree(self, path: Path) -> None: ...
 
+    def rmdir(self, path: Path) -> None:
+        """Remove an empty directory; OSError ENOTEMPTY (or EEXIST) if it holds anything."""
+
+    def list_dirs(self, path: Path) -> list[str]:
+        """Names of the directories directly in ``path``; symlinks are not followed or listed."""
+
     def write_probe(self, dir: Path) -> None:
         """Create and remove a uniquely named file in ``dir``."""
 
@@ -188,6 +195,13 @@ class LocalFilesystem:
     def rmtree(self, path: Path) -> None:
         shutil.rmtree(path)
 
+    def rmdir(self, path: Path) -> None:
+        os.rmdir(path)
+
+    def list_dirs(self, path: Path) -> list[str]:
+        with os.scandir(path) as entries:
+            return [entry.name for entry in entries if entry.is_dir(follow_symlinks=False)]
+
     def write_probe(self, dir: Path) -> None:
         probe = dir / f".nfs-provisioner-probe-{uuid.uuid4().hex}"
         descriptor = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -198,8 +212,19 @@ class LocalFilesystem:
         os.unlink(probe)
 
 
-FaultOp = Literal["mkdir", "chmod", "chown", "exists", "is_dir", "rename", "rmtree", "write_probe"]
-_FAULT_OPS = ("mkdir", "chmod", "chown", "exists", "is_dir", "rename", "rmtree", "write_probe")
+FaultOp = Literal[
+    "mkdir",
+    "chmod",
+    "chown",
+    "exists",
+    "is_dir",
+    "rename",
+    "rmtree",
+    "rmdir",
+    "list_dirs",
+    "write_probe",
+]
+_FAULT_OPS: tuple[FaultOp, ...] = typing.get_args(FaultOp)
 
 
 @dataclass(frozen=True)
@@ -312,6 +337,14 @@ class FaultInjectingFilesystem:
     def rmtree(self, path: Path) -> None:
         self._inject("rmtree", path)
         self.inner.rmtree(path)
+
+    def rmdir(self, path: Path) -> None:
+        self._inject("rmdir", path)
+        self.inner.rmdir(path)
+
+    def list_dirs(self, path: Path) -> list[str]:
+        self._inject("list_dirs", path)
+        return self.inner.list_dirs(path)
 
     def write_probe(self, dir: Path) -> None:
         self._inject("write_probe", dir)
@@ -450,6 +483,15 @@ class Storage:
         """Remove a leaf this provisioner just created for a claim whose PV was never saved."""
         await self._run("discard_created_dir", rel, lambda: self._remove_dir(rel))
 
+    async def list_top_dirs(self) -> list[str]:
+        """Names of the directories directly under the export (symlinks excluded)."""
+        return await self._run("list_top_dirs", None, lambda: self._fs.list_dirs(self.mount))
+
+    async def remove_empty_dir(self, rel: RelativeDir) -> bool:
+        """Remove ``rel`` only if it is empty: True if removed, False if it holds anything or is
+        already gone. Never recursive, so it cannot lose data whatever the caller believed."""
+        return await self._run("remove_empty_dir", rel, lambda: self._remove_empty_dir(rel))
+
     async def check_writable(self) -> None:
         """Preflight: the mount is a directory where a file can be written and removed."""
         await self._run("check_writable", None, self._check_writable)
@@ -521,6 +563,17 @@ class Storage:
             # Someone else removed it meanwhile; only a leftover still on disk is a failure.
             if self._fs.exists(path):
                 raise
+        return True
+
+    def _remove_empty_dir(self, rel: RelativeDir) -> bool:
+        try:
+            self._fs.rmdir(locate(self.mount, rel))
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                return False
+            raise
         return True
 
     def _archive_dir(self, rel: RelativeDir) -> RelativeDir | None:

@@ -495,3 +495,50 @@ def test_fault_rules_match_op_and_path_substring(
     else:
         fs.mkdir(target)
         assert target.is_dir()
+
+
+def test_list_top_dirs_names_directories_only(storage: Storage, mount: Path) -> None:
+    (mount / "ns-a" / "inner").mkdir(parents=True)
+    (mount / "ns-b").mkdir()
+    (mount / "file").write_text("x")
+    (mount / "link").symlink_to("ns-a")
+    assert sorted(run(storage.list_top_dirs())) == ["ns-a", "ns-b"]
+
+
+def test_remove_empty_dir_never_removes_anything_with_content(
+    storage: Storage, mount: Path
+) -> None:
+    (mount / "empty").mkdir()
+    (mount / "full").mkdir()
+    (mount / "full" / "data").write_text("kept")
+    (mount / "nested" / "child").mkdir(parents=True)
+    assert run(storage.remove_empty_dir(parse_relative("empty"))) is True
+    assert run(storage.remove_empty_dir(parse_relative("full"))) is False
+    assert run(storage.remove_empty_dir(parse_relative("nested"))) is False
+    assert run(storage.remove_empty_dir(parse_relative("gone"))) is False
+    assert snapshot(mount) == {
+        "full": "dir",
+        "full/data": "file:kept",
+        "nested": "dir",
+        "nested/child": "dir",
+    }
+
+
+def test_remove_empty_dir_refuses_a_symlink_to_the_root(storage: Storage, mount: Path) -> None:
+    (mount / "self").symlink_to(".")
+    before = snapshot(mount.parent)
+    with pytest.raises(UnsafePathError):
+        run(storage.remove_empty_dir(parse_relative("self")))
+    assert snapshot(mount.parent) == before
+
+
+def test_remove_empty_dir_failure_names_the_cause(
+    storage: Storage, mount: Path, rules: Path
+) -> None:
+    (mount / "stuck").mkdir()
+    write_fault_rules(rules, [FaultRule(op="rmdir", match="stuck", errno="EACCES")])
+    with pytest.raises(StorageError) as caught:
+        run(storage.remove_empty_dir(parse_relative("stuck")))
+    assert caught.value.op == "remove_empty_dir"
+    assert caught.value.hint == ROOT_SQUASH_HINT
+    assert (mount / "stuck").is_dir()
