@@ -21,7 +21,16 @@ logger = logging.getLogger(__name__)
 
 
 async def sweep(storage: Storage, kube: KubeApi, export_path: str) -> list[str]:
-    """Remove orphaned empty directories; returns the names removed."""
+    """Remove orphaned empty directories; returns the names removed. Never raises: the sweep
+    is housekeeping, and a bug in it must not keep the leader from provisioning."""
+    try:
+        return await _sweep(storage, kube, export_path)
+    except Exception:
+        logger.exception("orphan sweep failed; provisioning goes on without it")
+        return []
+
+
+async def _sweep(storage: Storage, kube: KubeApi, export_path: str) -> list[str]:
     try:
         # The directory listing first, then the claims and PVs: any directory seen here whose
         # claim is alive was made after that claim existed, so the later list includes it.
