@@ -94,6 +94,7 @@ class Volume:
     on_delete: str | None
     resource_version: str = ""
     uid: str = ""
+    nfs_path: str | None = None  # spec.nfs.path: set on any NFS PV, ours or not
 
 
 def storage_class_from(body: Body) -> StorageClass:
@@ -157,6 +158,7 @@ def volume_from(body: Body) -> Volume:
         on_delete=annotations.get(ANN_ON_DELETE),
         resource_version=str(meta.get("resourceVersion", "")),
         uid=str(meta.get("uid", "")),
+        nfs_path=str(nfs["path"]) if (nfs := _mapping(spec.get("nfs"))).get("path") else None,
     )
 
 

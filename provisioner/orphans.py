@@ -14,10 +14,9 @@ qualify; ``archived-*`` directories and anything a custom ``pathPattern`` made a
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable
 
-from provisioner.core import ANN_DIRECTORY, ANN_EXPORT_PATH
+from provisioner.core import Volume
 
 _UID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 _DEFAULT_NAME = re.compile(rf"(?!archived-).+-pvc-(?P<uid>{_UID})")
@@ -35,21 +34,17 @@ def _inside(path: str, export_path: str) -> str | None:
     return path[len(root) :].strip("/") or None if path.startswith(root) else None
 
 
-def used_top_dirs(volumes: Iterable[Mapping[str, Any]], export_path: str) -> set[str]:
+def used_top_dirs(volumes: Iterable[Volume], export_path: str) -> set[str]:
     """The first component of every directory any PV points at on this export.
 
     Both our recorded directory annotation and ``spec.nfs.path`` count, so a PV written by
     another provisioner or by hand protects its directory too.
     """
     used: set[str] = set()
-    for body in volumes:
-        meta = body.get("metadata") or {}
-        annotations = meta.get("annotations") or {}
-        recorded = annotations.get(ANN_DIRECTORY)
-        if recorded and annotations.get(ANN_EXPORT_PATH, export_path) == export_path:
-            used.add(str(recorded).strip("/").split("/")[0])
-        nfs_path = ((body.get("spec") or {}).get("nfs") or {}).get("path")
-        relative = _inside(str(nfs_path), export_path) if nfs_path else None
+    for volume in volumes:
+        if volume.directory and volume.export_path in (None, export_path):
+            used.add(volume.directory.strip("/").split("/")[0])
+        relative = _inside(volume.nfs_path, export_path) if volume.nfs_path else None
         if relative:
             used.add(relative.split("/")[0])
     return used

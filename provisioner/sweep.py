@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 
-from provisioner import orphans
+from provisioner import core, orphans
 from provisioner.kube import ApiError, KubeApi
 from provisioner.paths import RelativeDir, UnsafePathError
 from provisioner.storage import Storage, StorageError
@@ -37,15 +37,15 @@ async def _sweep(storage: Storage, kube: KubeApi, export_path: str) -> list[str]
         names = await storage.list_top_dirs()
         if not any(orphans.claim_uid_of(name) for name in names):
             return []
-        claims = await kube.list_claims()
-        volumes = await kube.list_volumes()
+        claims = [core.claim_from(body) for body in await kube.list_claims()]
+        volumes = [core.volume_from(body) for body in await kube.list_volumes()]
     except (StorageError, ApiError) as error:
         logger.warning("orphan sweep skipped: %s", error)
         return []
     candidates = orphans.orphaned(
         names,
-        claim_uids={str((c.get("metadata") or {}).get("uid", "")) for c in claims},
-        volume_names={str((v.get("metadata") or {}).get("name", "")) for v in volumes},
+        claim_uids={claim.uid for claim in claims},
+        volume_names={volume.name for volume in volumes},
         used_dirs=orphans.used_top_dirs(volumes, export_path),
     )
     removed = []

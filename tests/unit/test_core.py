@@ -171,6 +171,7 @@ def test_build_volume_records_what_delete_needs() -> None:
     assert spec["storageClassName"] == "nfs"
     assert spec["claimRef"]["uid"] == "u1"
     volume = core.volume_from(body)
+    assert volume.nfs_path == "/exports/default-test-claim-pvc-u1"
     assert core.volume_is_for_claim(volume, claim, NAME)
     assert not core.volume_is_for_claim(volume, dataclasses.replace(claim, uid="u2"), NAME)
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from provisioner.core import ANN_DIRECTORY, ANN_EXPORT_PATH
+from provisioner.core import ANN_DIRECTORY, ANN_EXPORT_PATH, Volume, volume_from
 from provisioner.orphans import claim_uid_of, orphaned, used_top_dirs
 
 UID = "0b6c1f7e-2d4a-4c8e-9f10-1234567890ab"
@@ -34,11 +34,12 @@ def test_claim_uid_of(name: str, uid: str | None) -> None:
 
 def volume(
     name: str, nfs_path: str | None = None, annotations: dict[str, str] | None = None
-) -> dict[str, Any]:
+) -> Volume:
+    """A PV as the sweep sees it: listed as JSON, narrowed by ``core.volume_from``."""
     body: dict[str, Any] = {"metadata": {"name": name, "annotations": annotations or {}}}
     if nfs_path is not None:
         body["spec"] = {"nfs": {"server": "nfs", "path": nfs_path}}
-    return body
+    return volume_from(body)
 
 
 def test_used_top_dirs_reads_annotations_and_nfs_paths() -> None:
