@@ -158,12 +158,19 @@ class Provisioner:
         self._stepping_down = asyncio.create_task(self._step_down(stop, election), name="stop")
 
     async def _step_down(self, stop: asyncio.Event, election: asyncio.Task[None]) -> None:
-        election.cancel()  # reconciling stops: the queue's workers are cancelled with it
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await election
+        await self._stop_leading([election])
+        stop.set()
+
+    async def _stop_leading(self, tasks: list[asyncio.Task[None]]) -> None:
+        """Cancel ``tasks`` (the election among them: reconciling stops with it), then release
+        the lock. Safe to repeat: a finished task ignores cancel, a released lock stays so."""
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
         if self.elector is not None:
             await self.elector.release()
-        stop.set()
 
     def _before_scrape(self) -> None:
         claims, volumes = self.cache.counts()
@@ -203,13 +210,7 @@ class Provisioner:
                 ready_flag=ready,
             )
         finally:
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-            if self.elector is not None:
-                await self.elector.release()
+            await self._stop_leading(tasks)
             await http.cleanup()
             self.storage.close()
             self.kube.close()
