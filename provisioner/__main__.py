@@ -9,33 +9,50 @@ import asyncio
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from provisioner import __version__
-from provisioner.config import ConfigError, load_settings, read_service_account_namespace
+from provisioner.config import (
+    ConfigError,
+    load_settings,
+    parse_handover,
+    read_service_account_namespace,
+)
+
+if TYPE_CHECKING:
+    from provisioner.safefs import Syscalls
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, calls: Syscalls | None = None) -> int:
+    """``calls`` replaces the real filesystem calls; only tests pass it (tests/faults.py)."""
     args = list(sys.argv[1:] if argv is None else argv)
     if "--version" in args:
         print(f"nfs-provisioner {__version__}")
         return 0
     try:
         command, settings = load_settings(args, os.environ, read_service_account_namespace)
+        request = parse_handover(args) if command == "handover" else None
     except ConfigError as error:
         print(f"nfs-provisioner: {error}", file=sys.stderr)
         return 1
 
     # Imported late so that --help, --version and configuration errors answer at once.
-    from provisioner import preflight
+    from provisioner import handover, preflight
     from provisioner.app import Provisioner
     from provisioner.logs import configure_logging
+    from provisioner.safefs import LocalSyscalls
+
+    if request is not None:
+        code, line = asyncio.run(handover.run(settings, request, calls or LocalSyscalls()))
+        print(line, file=sys.stdout if code == 0 else sys.stderr)
+        return code
 
     configure_logging(settings.log_level, settings.log_format)
-    report = asyncio.run(preflight.run(settings))
+    report = asyncio.run(preflight.run(settings, calls))
     print(report.render(), file=sys.stderr if command == "run" else sys.stdout)
     if command == "check" or not report.ok:
         return 0 if report.ok else 1
-    return asyncio.run(Provisioner(settings).run())
+    return asyncio.run(Provisioner(settings, calls).run())
 
 
 if __name__ == "__main__":

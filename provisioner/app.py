@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import secrets
 import signal
 import socket
@@ -22,18 +21,15 @@ from provisioner import handlers
 from provisioner.cache import Cache
 from provisioner.config import Settings
 from provisioner.httpserver import Readiness, make_app, serve
-from provisioner.kube import KubeApi, ObjectRef, load_api_client
+from provisioner.kube import ApiError, KubeApi, ObjectRef, load_api_client
 from provisioner.leader import LeaderElector, LeadershipLost, make_lock
 from provisioner.metrics import Metrics
 from provisioner.reconciler import Identity, Reconciler, resync_forever
-from provisioner.storage import FaultInjectingFilesystem, Filesystem, LocalFilesystem, Storage
+from provisioner.safefs import LocalSyscalls, Syscalls
+from provisioner.storage import Storage
 from provisioner.sweep import sweep
 
 logger = logging.getLogger(__name__)
-
-FAULTS_ENV = "NFS_PROVISIONER_UNSAFE_FAULTS_FILE"
-"""Test seam: a JSON file of filesystem faults (see storage.FaultInjectingFilesystem). Never set
-it in production; the name says so, like local-path-provisioner's ``unsafe`` options."""
 
 
 def make_identity() -> str:
@@ -41,20 +37,12 @@ def make_identity() -> str:
     return f"{socket.gethostname()}_{secrets.token_hex(8)}"
 
 
-def make_filesystem() -> Filesystem:
-    faults = os.environ.get(FAULTS_ENV)
-    if faults:
-        logger.warning(
-            "filesystem fault injection is ON (%s=%s): for tests only", FAULTS_ENV, faults
-        )
-        return FaultInjectingFilesystem(LocalFilesystem(), Path(faults))
-    return LocalFilesystem()
-
-
 class Provisioner:
     """One process worth of provisioner, built from validated settings."""
 
-    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, settings: Settings, calls: Syscalls | None = None, metrics: Metrics | None = None
+    ) -> None:
         self.settings = settings
         self.identity = make_identity()
         self.metrics = metrics or Metrics()
@@ -68,7 +56,7 @@ class Provisioner:
         # (which keep their thread after the timeout) leave room for the others.
         self.storage = Storage(
             Path(settings.mount_path),
-            make_filesystem(),
+            calls or LocalSyscalls(),
             timeout=settings.fs_timeout,
             max_threads=settings.workers * 2 + 4,
             observe=self.metrics.observe_fs,
@@ -109,10 +97,28 @@ class Provisioner:
             ref, "Normal", "LeaderElection", message, self.reconciler.identity.component
         )
 
+    async def _cluster_uid(self) -> str:
+        """kube-system's uid (journal.py records it), asked until the API answers."""
+        delay = self.settings.backoff_base
+        while True:
+            try:
+                return await self.kube.cluster_uid()
+            except ApiError as error:
+                logger.warning("cannot read the cluster's identity yet: %s; retrying", error)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.settings.backoff_max)
+
     async def _lead(self) -> None:
         """What only the leader does: reconcile, from watch events and the periodic resync."""
         # Before any worker runs, so no provisioning of ours races the sweep (see sweep.py).
-        await sweep(self.storage, self.kube, self.settings.nfs_path)
+        self.reconciler.cluster = await self._cluster_uid()
+        await sweep(
+            self.storage,
+            self.kube,
+            self.settings.nfs_path,
+            self.reconciler.cluster,
+            self.settings.provisioner_name,
+        )
         self.reconciler.resync()  # everything the cache gathered while standing by
         await asyncio.gather(
             self.reconciler.queue.run(),

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import TypeVar
 
+from provisioner.paths import RelativeDir, UnsafePathError, parse_relative
+
 DEFAULT_MOUNT_PATH = "/persistentvolumes"
 ANNOTATION_PREFIX = "nfs.provisioner.dev"
 """The one DNS-subdomain prefix of every annotation this provisioner writes (on PVs only)."""
@@ -128,8 +130,23 @@ def build_arg_parser() -> argparse.ArgumentParser:
         "command",
         nargs="?",
         default="run",
-        choices=("run", "check"),
-        help="run the provisioner (default) or only run the preflight check (exit 0/1)",
+        choices=("run", "check", "handover"),
+        help=(
+            "run the provisioner (default), only run the preflight check (exit 0/1), or hand "
+            "an existing directory over to a namespace (with --directory and --namespace)"
+        ),
+    )
+    parser.add_argument(
+        "--directory",
+        dest="handover_directory",
+        metavar="DIR",
+        help="handover: the directory, relative to the export, e.g. team-a/data",
+    )
+    parser.add_argument(
+        "--namespace",
+        dest="handover_namespace",
+        metavar="NAMESPACE",
+        help="handover: the namespace whose claims may reuse the directory from now on",
     )
     for option in _OPTIONS:
         default = f" (default {option.default})" if option.default is not None else ""
@@ -321,6 +338,34 @@ def load_settings(
         log_level=log_level,
     )
     return args.command, settings
+
+
+@dataclass(frozen=True)
+class Handover:
+    """``nfs-provisioner handover``: give an existing directory to a namespace (admin only)."""
+
+    directory: RelativeDir
+    namespace: str
+
+
+def parse_handover(argv: Sequence[str]) -> Handover:
+    args = build_arg_parser().parse_args(list(argv))
+    directory = args.handover_directory
+    namespace = args.handover_namespace
+    if not directory or not namespace:
+        raise ConfigError(
+            "handover needs --directory DIR (relative to the export) and --namespace NAMESPACE"
+        )
+    try:
+        relative = parse_relative(directory)
+    except UnsafePathError as error:
+        raise ConfigError(f"--directory: {error}") from None
+    if not _DNS_SUBDOMAIN.match(namespace) or len(namespace) > 63 or "." in namespace:
+        raise ConfigError(
+            f'--namespace="{namespace}" is invalid; expected a namespace name (lower case '
+            "letters, digits and '-', at most 63 characters)"
+        )
+    return Handover(relative, namespace)
 
 
 def read_service_account_namespace() -> str | None:

@@ -269,11 +269,18 @@ class KubeApi:
     # --- access checks (preflight) ---------------------------------------------------------------
 
     async def can_i(
-        self, verb: str, resource: str, group: str = "", namespace: str | None = None
+        self,
+        verb: str,
+        resource: str,
+        group: str = "",
+        namespace: str | None = None,
+        name: str | None = None,
     ) -> bool:
         attributes: JSON = {"verb": verb, "resource": resource, "group": group}
         if namespace:
             attributes["namespace"] = namespace
+        if name:
+            attributes["name"] = name
         review = {
             "apiVersion": "authorization.k8s.io/v1",
             "kind": "SelfSubjectAccessReview",
@@ -283,6 +290,12 @@ class KubeApi:
             "POST", "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews", review
         )
         return bool(result.get("status", {}).get("allowed"))
+
+    async def cluster_uid(self) -> str:
+        """The uid of the kube-system namespace: the conventional identity of a cluster, so
+        records on an export shared by two clusters are told apart."""
+        body = await self.request("GET", "/api/v1/namespaces/kube-system")
+        return str((body.get("metadata") or {}).get("uid", ""))
 
     async def server_version(self) -> str:
         return str((await self.request("GET", "/version")).get("gitVersion", "unknown"))

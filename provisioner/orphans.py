@@ -1,31 +1,29 @@
-"""Which directories on the export a crash left behind: a pure decision, no I/O.
+"""What the leader's sweep does with each provisioning intent it finds: a pure decision.
 
-A provisioner that dies after creating a claim's directory but before saving its PV leaves that
-directory empty; if the claim is deleted before any provisioner runs again, no PV will ever point
-at it. ``sweep.py`` lists the export's top level first and every claim and PV second (so a
-directory it saw belongs to a claim that the later list still shows, unless the claim is really
-gone) and asks ``orphaned`` which names qualify. The caller removes them with a plain rmdir, so a
-directory that holds anything is kept whatever this module concluded.
+A provisioner writes an intent (journal.py) before it creates a claim's directory and clears it
+once the claim's PV is saved. An intent still on the export at the next leadership means a
+crash (or an error) came in between. ``sweep.py`` lists the intents first and every claim and PV
+second, then asks ``judge`` about each; the directory is removed with a plain rmdir, so one that
+holds anything is kept whatever this module concluded.
 
-Only names the default pattern produces (``<namespace>-<pvc>-pvc-<claim uid>``) at the top level
-qualify; ``archived-*`` directories and anything a custom ``pathPattern`` made are never touched.
+Only intents of this provisioner in this cluster are acted on: another cluster sharing the
+export cannot be asked whether its claims still exist.
 """
 
 from __future__ import annotations
 
-import re
+import enum
 from collections.abc import Iterable
 
 from provisioner.core import Volume
-
-_UID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
-_DEFAULT_NAME = re.compile(rf"(?!archived-).+-pvc-(?P<uid>{_UID})")
+from provisioner.journal import Intent
 
 
-def claim_uid_of(name: str) -> str | None:
-    """The claim uid a default-pattern directory name ends with; None for any other name."""
-    match = _DEFAULT_NAME.fullmatch(name)
-    return match.group("uid") if match else None
+class Action(enum.Enum):
+    FOREIGN = "foreign"  # another provisioner's or cluster's: not ours to judge
+    PENDING = "pending"  # the claim still exists: its reconcile finishes the work
+    CLEAR = "clear"  # a PV was saved (or records the directory): only the intent goes
+    REMOVE = "remove"  # the claim is gone and nothing records the directory: rmdir it
 
 
 def _inside(path: str, export_path: str) -> str | None:
@@ -34,35 +32,31 @@ def _inside(path: str, export_path: str) -> str | None:
     return path[len(root) :].strip("/") or None if path.startswith(root) else None
 
 
-def used_top_dirs(volumes: Iterable[Volume], export_path: str) -> set[str]:
-    """The first component of every directory any PV points at on this export.
-
-    Both our recorded directory annotation and ``spec.nfs.path`` count, so a PV written by
-    another provisioner or by hand protects its directory too.
-    """
+def used_dirs(volumes: Iterable[Volume], export_path: str) -> set[str]:
+    """Every directory any PV points at on this export, by our annotation or spec.nfs.path,
+    so a PV written by another provisioner or by hand protects its directory too."""
     used: set[str] = set()
     for volume in volumes:
         if volume.directory and volume.export_path in (None, export_path):
-            used.add(volume.directory.strip("/").split("/")[0])
+            used.add(volume.directory.strip("/"))
         relative = _inside(volume.nfs_path, export_path) if volume.nfs_path else None
         if relative:
-            used.add(relative.split("/")[0])
+            used.add(relative)
     return used
 
 
-def orphaned(
-    dir_names: Iterable[str],
+def judge(
+    intent: Intent,
+    cluster: str,
+    provisioner: str,
     claim_uids: set[str],
     volume_names: set[str],
-    used_dirs: set[str],
-) -> list[str]:
-    """Top-level directories to try removing: named for a claim that no longer exists, whose
-    PV ``pvc-<uid>`` does not exist, and that no PV points at. Sorted, for stable logs."""
-    found = []
-    for name in dir_names:
-        uid = claim_uid_of(name)
-        if uid is None or uid in claim_uids or f"pvc-{uid}" in volume_names:
-            continue
-        if name not in used_dirs:
-            found.append(name)
-    return sorted(found)
+    used: set[str],
+) -> Action:
+    if intent.cluster != cluster or intent.provisioner != provisioner:
+        return Action.FOREIGN
+    if intent.volume in volume_names or intent.directory in used:
+        return Action.CLEAR
+    if intent.claim_uid in claim_uids:
+        return Action.PENDING
+    return Action.REMOVE

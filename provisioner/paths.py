@@ -15,11 +15,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+JOURNAL_DIR = ".nfs-provisioner"
+"""The provisioner's own records at the export root (journal.py); never a claim's directory."""
+
 MAX_NAME_BYTES = 255
 """Longest directory name (one path component) Linux and NFS accept, in UTF-8 bytes."""
 
 _HASH_CHARS = 10
 _SAFE_EXAMPLE = "${.PVC.namespace}/${.PVC.name}"
+_RULE_JOURNAL = f"{JOURNAL_DIR} at the export root holds the provisioner's own records"
 _RULE_EMPTY = "it is empty, and an empty directory would be the export root itself"
 
 # nfs-subdir's token regex (`\${\.PVC\.((labels|annotations)\.(.*?)|.*?)}`), widened to `.PV.`.
@@ -88,6 +92,8 @@ class RelativeDir:
             rule = _component_rule(part)
             if rule is not None:
                 raise UnsafePathError(joined, rule)
+        if self.parts[0] == JOURNAL_DIR:
+            raise UnsafePathError(joined, _RULE_JOURNAL)
 
     def __str__(self) -> str:
         return "/".join(self.parts)
@@ -143,6 +149,8 @@ def parse_relative(value: str, pattern: str | None = None) -> RelativeDir:
         rule = _component_rule(part)
         if rule is not None:
             raise UnsafePathError(value, rule, pattern)
+    if parts[0] == JOURNAL_DIR:
+        raise UnsafePathError(value, _RULE_JOURNAL, pattern)
     return RelativeDir(parts)
 
 

@@ -12,9 +12,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from provisioner.app import make_filesystem
 from provisioner.config import LockKind, Settings
 from provisioner.kube import ApiError, KubeApi, load_api_client
+from provisioner.safefs import LocalSyscalls, Syscalls
 from provisioner.storage import Storage, StorageError
 
 
@@ -24,6 +24,7 @@ class Permission:
     resource: str
     verb: str
     namespaced: bool = False  # True: only in the provisioner's own namespace (a Role)
+    name: str | None = None  # only this object (resourceNames)
 
 
 def required_permissions(settings: Settings) -> list[Permission]:
@@ -36,6 +37,8 @@ def required_permissions(settings: Settings) -> list[Permission]:
         ),
         *(Permission("storage.k8s.io", "storageclasses", v) for v in ("list", "watch")),
         Permission("", "events", "create"),
+        # The cluster's identity in the export's records (journal.py): kube-system's uid.
+        Permission("", "namespaces", "get", name="kube-system"),
     ]
     if settings.leader_election:
         resources: list[tuple[str, str]] = []
@@ -52,17 +55,18 @@ def required_permissions(settings: Settings) -> list[Permission]:
 
 def render_rules(missing: Iterable[Permission]) -> str:
     """Missing permissions as RBAC rules, grouped by API group and resource."""
-    grouped: dict[tuple[str, str, bool], list[str]] = {}
+    grouped: dict[tuple[str, str, bool, str | None], list[str]] = {}
     for permission in missing:
-        key = (permission.group, permission.resource, permission.namespaced)
+        key = (permission.group, permission.resource, permission.namespaced, permission.name)
         grouped.setdefault(key, []).append(permission.verb)
     lines: list[str] = []
-    for (group, resource, namespaced), verbs in grouped.items():
+    for (group, resource, namespaced, name), verbs in grouped.items():
         where = "Role in the provisioner's namespace" if namespaced else "ClusterRole"
         lines += [
             f"  # {where}",
             f'  - apiGroups: ["{group}"]',
             f'    resources: ["{resource}"]',
+            *([f'    resourceNames: ["{name}"]'] if name else []),
             "    verbs: [" + ", ".join(f'"{v}"' for v in verbs) + "]",
         ]
     return "\n".join(lines)
@@ -104,7 +108,7 @@ async def check_api(settings: Settings, kube: KubeApi, report: Report) -> None:
         namespace = settings.namespace if permission.namespaced else None
         try:
             allowed = await kube.can_i(
-                permission.verb, permission.resource, permission.group, namespace
+                permission.verb, permission.resource, permission.group, namespace, permission.name
             )
         except ApiError as error:
             report.problems.append(f"SelfSubjectAccessReview failed: {error}")
@@ -120,9 +124,11 @@ async def check_api(settings: Settings, kube: KubeApi, report: Report) -> None:
         report.passed.append("every RBAC permission the provisioner needs is granted")
 
 
-async def run(settings: Settings) -> Report:
+async def run(settings: Settings, calls: Syscalls | None = None) -> Report:
     report = Report()
-    storage = Storage(Path(settings.mount_path), make_filesystem(), timeout=settings.fs_timeout)
+    storage = Storage(
+        Path(settings.mount_path), calls or LocalSyscalls(), timeout=settings.fs_timeout
+    )
     try:
         await check_mount(settings, storage, report)
     finally:

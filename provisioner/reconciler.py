@@ -9,11 +9,12 @@ claim and delete reads only what the PV recorded, so repeating work after a cras
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import time
 from dataclasses import dataclass
 
-from provisioner import core, paths
+from provisioner import core, ownership, paths
 from provisioner.cache import Cache
 from provisioner.config import (
     ClassParameters,
@@ -22,8 +23,10 @@ from provisioner.config import (
     Settings,
     parse_class_parameters,
 )
+from provisioner.journal import Intent, Owner
 from provisioner.kube import ApiError, Conflict, KubeApi, NotFound, ObjectRef
 from provisioner.metrics import Metrics
+from provisioner.safefs import Redirected
 from provisioner.storage import DirOwner, Storage, StorageError
 from provisioner.workqueue import Backoff, WorkQueue
 
@@ -42,6 +45,10 @@ class Identity:
     """Who we are in Events (``source.component``), as the upstream library spells it."""
 
     component: str
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def claim_ref(claim: core.Claim) -> ObjectRef:
@@ -75,6 +82,8 @@ class Reconciler:
         self.metrics = metrics
         self.identity = identity
         self.export = core.Export(settings.nfs_server, settings.nfs_path)
+        self.cluster = ""
+        """kube-system's uid, set by app before the first reconcile; recorded on the export."""
         self.queue = WorkQueue(
             self.reconcile,
             workers=settings.workers,
@@ -212,15 +221,52 @@ class Reconciler:
     ) -> None:
         started = time.monotonic()
         ref = claim_ref(claim)
-        owner = DirOwner(mode=parameters.mode, uid=parameters.uid, gid=parameters.gid)
-        await self._event(
-            ref,
-            "Normal",
-            "Provisioning",
-            f'External provisioner is provisioning volume for claim "{claim.key}"',
+        mode = DirOwner(mode=parameters.mode, uid=parameters.uid, gid=parameters.gid)
+        tenant = Owner(
+            cluster=self.cluster,
+            namespace=claim.namespace,
+            provisioner=self.settings.provisioner_name,
+            volume=claim.volume_name_for,
+            since=_now(),
         )
         try:
-            created = await self.storage.ensure_dir(directory, owner)
+            inspection = await self.storage.inspect(directory)
+            decision = ownership.decide(
+                inspection,
+                directory,
+                tenant,
+                default_name=parameters.path_pattern is None,
+                provisioner_namespace=self.settings.namespace,
+            )
+            if decision.plan is ownership.Plan.REFUSE:
+                await self._refuse(claim, storage_class, f'claim "{claim.key}": {decision.reason}')
+                return
+            await self._event(
+                ref,
+                "Normal",
+                "Provisioning",
+                f'External provisioner is provisioning volume for claim "{claim.key}"',
+            )
+            created = decision.plan is ownership.Plan.CREATE
+            if created:
+                intent = Intent(
+                    volume=claim.volume_name_for,
+                    namespace=claim.namespace,
+                    claim=claim.name,
+                    claim_uid=claim.uid,
+                    directory=str(directory),
+                    cluster=self.cluster,
+                    provisioner=self.settings.provisioner_name,
+                    since=tenant.since,
+                )
+                await self.storage.create_dir(directory, mode, tenant, intent)
+            else:
+                await self.storage.reuse_dir(directory, mode, tenant if decision.adopt else None)
+        except Redirected as error:
+            await self._refuse(
+                claim, storage_class, f'claim "{claim.key}": directory "{directory}": {error}'
+            )
+            return
         except StorageError as error:
             self.metrics.provision_failed_total.labels(storage_class.name).inc()
             await self._event(ref, "Warning", "ProvisioningFailed", str(error))
@@ -231,7 +277,7 @@ class Reconciler:
                 "Normal",
                 "Provisioning",
                 f'Reusing existing directory "{directory}" on the export: no PersistentVolume '
-                "records it (left by a retained or re-created claim)",
+                f"records it, and {decision.reason}",
             )
         body = core.build_volume(
             claim,
@@ -255,6 +301,8 @@ class Reconciler:
             )
             raise RetryLater(str(error)) from error
         self.cache.put_volume(core.volume_from(saved))
+        if created:
+            await self._clear_intent(claim)
         self._refused.pop(claim.uid, None)
         self.metrics.provision_total.labels(storage_class.name).inc()
         self.metrics.provision_duration.labels(storage_class.name).observe(
@@ -273,6 +321,17 @@ class Reconciler:
             "ProvisioningSucceeded",
             f"Successfully provisioned volume {claim.volume_name_for}",
         )
+
+    async def _clear_intent(self, claim: core.Claim) -> None:
+        """The PV is saved; a failure here only leaves work for the sweep (it sees the PV)."""
+        try:
+            await self.storage.clear_intent(claim.volume_name_for)
+        except StorageError as error:
+            logger.warning(
+                "claim %s: volume saved, but its intent record stays until the next sweep: %s",
+                claim.key,
+                error,
+            )
 
     async def _save_volume(self, claim: core.Claim, body: dict[str, object]) -> dict[str, object]:
         try:
@@ -300,11 +359,14 @@ class Reconciler:
         if current is not None and core.claim_from(current).uid == claim.uid:
             return
         try:
-            await self.storage.discard_created_dir(directory)
+            removed = await self.storage.discard_created_dir(directory, claim.volume_name_for)
             logger.info(
-                "claim %s: gone before its volume was saved; removed %s", claim.key, directory
+                "claim %s: gone before its volume was saved; %s %s",
+                claim.key,
+                "removed" if removed else "kept (it is not empty)",
+                directory,
             )
-        except StorageError as error:
+        except (StorageError, Redirected) as error:
             logger.warning("claim %s: could not remove %s: %s", claim.key, directory, error)
 
     # --- volumes: release ----------------------------------------------------------------------
@@ -325,7 +387,7 @@ class Reconciler:
         started = time.monotonic()
         try:
             outcome = await self._apply_on_delete(volume)
-        except (StorageError, paths.UnsafePathError, core.ReleaseRefused) as error:
+        except (StorageError, paths.UnsafePathError, core.ReleaseRefused, Redirected) as error:
             self.metrics.delete_failed_total.labels(volume.storage_class).inc()
             await self._event(ref, "Warning", "VolumeFailedDelete", str(error))
             raise RetryLater(f"volume {name}: {error}") from error

@@ -1,31 +1,35 @@
-"""Filesystem effects on the mounted NFS export: create, remove and archive claim directories.
+"""Filesystem effects on the mounted NFS export: create, reuse, remove and archive claim
+directories, and keep the provisioner's records (journal.py) in step with them.
 
-reconciler.py and preflight.py call ``Storage`` (app.py builds it); each blocking call runs on
-its own thread with a timeout, so a hung NFS mount fails one attempt instead of stalling the others.
-Every destructive call goes through ``paths.locate``. No kopf, kubernetes or prometheus here.
+reconciler.py, sweep.py and preflight.py call ``Storage`` (app.py builds it); each operation is
+one job on a worker thread with a timeout, so a hung NFS mount fails one attempt instead of
+stalling the others. Every path is reached through ``safefs.Tree``: from a descriptor on the
+export root, one no-follow component at a time, so nothing a tenant writes can redirect it.
+No kopf, kubernetes or prometheus here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import ctypes
 import errno
 import functools
 import json
 import os
 import queue
-import shutil
 import threading
 import time
-import typing
 import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, ParamSpec, Protocol, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
-from provisioner.paths import RelativeDir, archive_name, locate, parse_relative
+from provisioner import journal
+from provisioner.journal import Intent, Owner
+from provisioner.ownership import Inspection
+from provisioner.paths import JOURNAL_DIR, RelativeDir, archive_name, parse_relative
+from provisioner.safefs import Syscalls, Tree
 
 _T = TypeVar("_T")
 _P = ParamSpec("_P")
@@ -96,259 +100,6 @@ class StorageTimeout(StorageError):
             f"{self.op} {_quote(self.path)} did not finish within {self.timeout:g} s; "
             "the NFS mount may be hung"
         )
-
-
-class Filesystem(Protocol):
-    """The raw, synchronous seam: one method per effect, OSError on failure."""
-
-    def mkdir(self, path: Path) -> None:
-        """Create one directory level; FileExistsError if anything exists at ``path``."""
-
-    def chmod(self, path: Path, mode: int) -> None: ...
-
-    def chown(self, path: Path, uid: int, gid: int) -> None:
-        """-1 for ``uid`` or ``gid`` leaves that one unchanged."""
-
-    def exists(self, path: Path) -> bool:
-        """True if an entry exists, including a dangling symlink."""
-
-    def is_dir(self, path: Path) -> bool: ...
-
-    def rename(self, src: Path, dst: Path) -> None:
-        """Move ``src`` to ``dst``; FileExistsError if ``dst`` exists, never replace it."""
-
-    def rmtree(self, path: Path) -> None: ...
-
-    def rmdir(self, path: Path) -> None:
-        """Remove an empty directory; OSError ENOTEMPTY (or EEXIST) if it holds anything."""
-
-    def list_dirs(self, path: Path) -> list[str]:
-        """Names of the directories directly in ``path``; symlinks are not followed or listed."""
-
-    def write_probe(self, dir: Path) -> None:
-        """Create and remove a uniquely named file in ``dir``."""
-
-
-_AT_FDCWD = -100
-_RENAME_NOREPLACE = 1
-
-
-def _load_renameat2() -> Any:
-    """glibc's renameat2, or None where libc lacks it (musl, glibc < 2.28)."""
-    try:
-        function = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [
-        ctypes.c_int,
-        ctypes.c_char_p,
-        ctypes.c_int,
-        ctypes.c_char_p,
-        ctypes.c_uint,
-    ]
-    function.restype = ctypes.c_int
-    return function
-
-
-_renameat2 = _load_renameat2()
-
-
-class LocalFilesystem:
-    """``Filesystem`` on the local kernel (the NFS export is a local mount)."""
-
-    def mkdir(self, path: Path) -> None:
-        # Parents get 0o777 & ~umask like `mkdir -p`; Storage chmods the claim's leaf explicitly.
-        os.mkdir(path)
-
-    def chmod(self, path: Path, mode: int) -> None:
-        os.chmod(path, mode)
-
-    def chown(self, path: Path, uid: int, gid: int) -> None:
-        os.chown(path, uid, gid)
-
-    def exists(self, path: Path) -> bool:
-        return os.path.lexists(path)
-
-    def is_dir(self, path: Path) -> bool:
-        return os.path.isdir(path)
-
-    def rename(self, src: Path, dst: Path) -> None:
-        if _renameat2 is not None:
-            flags = _RENAME_NOREPLACE
-            if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
-                return
-            code = ctypes.get_errno()
-            # NFS clients refuse RENAME_NOREPLACE with EINVAL; only then fall back below.
-            if code not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-                raise OSError(code, os.strerror(code), str(src), None, str(dst))
-        # Check-then-rename leaves a race: a directory created at `dst` in between is replaced if
-        # it is empty (rename(2) semantics) and refused with ENOTEMPTY if not, so no data is lost.
-        if os.path.lexists(dst):
-            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
-        try:
-            os.rename(src, dst)
-        except OSError as exc:
-            if exc.errno == errno.ENOTEMPTY:
-                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst)) from exc
-            raise
-
-    def rmtree(self, path: Path) -> None:
-        shutil.rmtree(path)
-
-    def rmdir(self, path: Path) -> None:
-        os.rmdir(path)
-
-    def list_dirs(self, path: Path) -> list[str]:
-        with os.scandir(path) as entries:
-            return [entry.name for entry in entries if entry.is_dir(follow_symlinks=False)]
-
-    def write_probe(self, dir: Path) -> None:
-        probe = dir / f".nfs-provisioner-probe-{uuid.uuid4().hex}"
-        descriptor = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(descriptor, b"probe\n")
-        finally:
-            os.close(descriptor)
-        os.unlink(probe)
-
-
-FaultOp = Literal[
-    "mkdir",
-    "chmod",
-    "chown",
-    "exists",
-    "is_dir",
-    "rename",
-    "rmtree",
-    "rmdir",
-    "list_dirs",
-    "write_probe",
-]
-_FAULT_OPS: tuple[FaultOp, ...] = typing.get_args(FaultOp)
-
-
-@dataclass(frozen=True)
-class FaultRule:
-    """Make ``op`` on paths containing ``match`` raise ``errno`` ("error") or block ("hang")."""
-
-    op: str
-    match: str = ""
-    effect: Literal["error", "hang"] = "error"
-    errno: str = "EIO"
-
-    def applies(self, op: str, paths: Sequence[Path]) -> bool:
-        return self.op == op and any(self.match in str(path) for path in paths)
-
-
-def write_fault_rules(rules_file: Path, rules: Sequence[FaultRule]) -> None:
-    """Replace the rules atomically, so a running provisioner never reads half a file."""
-    staging = rules_file.with_name(f".{rules_file.name}.{uuid.uuid4().hex}")
-    staging.write_text(json.dumps([asdict(rule) for rule in rules]))
-    os.replace(staging, rules_file)
-
-
-def read_fault_rules(rules_file: Path) -> list[FaultRule]:
-    """The rules in ``rules_file``; a missing file means no faults."""
-    try:
-        raw = json.loads(rules_file.read_text())
-    except FileNotFoundError:
-        return []
-    except ValueError as exc:
-        raise ValueError(f"fault rules file {_quote(rules_file)} is not valid JSON: {exc}") from exc
-    if not isinstance(raw, list):
-        raise ValueError(f"fault rules file {_quote(rules_file)} must hold a JSON list of rules")
-    return [_parse_fault_rule(rules_file, index, item) for index, item in enumerate(raw)]
-
-
-def _parse_fault_rule(rules_file: Path, index: int, item: object) -> FaultRule:
-    where = f"fault rule #{index} in {_quote(rules_file)}"
-    if not isinstance(item, dict) or not all(isinstance(value, str) for value in item.values()):
-        raise ValueError(f"{where} must be an object of strings, got {item!r}")
-    unknown = set(item) - {"op", "match", "effect", "errno"}
-    if unknown:
-        raise ValueError(
-            f"{where} has unknown keys {sorted(unknown)}; use op, match, effect, errno"
-        )
-    rule = FaultRule(**item)
-    if rule.op not in _FAULT_OPS:
-        raise ValueError(f"{where}: op {_quote(rule.op)} is not one of {', '.join(_FAULT_OPS)}")
-    if rule.effect not in ("error", "hang"):
-        raise ValueError(f'{where}: effect {_quote(rule.effect)} must be "error" or "hang"')
-    if not isinstance(getattr(errno, rule.errno, None), int):
-        raise ValueError(f'{where}: errno {_quote(rule.errno)} is not a name like "EACCES"')
-    return rule
-
-
-class FaultInjectingFilesystem:
-    """A ``Filesystem`` that fails or hangs on demand; the fault seam for tests, not a mock.
-
-    The rules file is re-read before every call, so a test can change faults while a
-    provisioner subprocess runs. A hang lasts until its rule is removed (then the real call
-    proceeds, as when an NFS server comes back) or ``max_hang`` seconds pass.
-    """
-
-    def __init__(
-        self, inner: Filesystem, rules_file: Path, max_hang: float = 3600.0, poll: float = 0.02
-    ) -> None:
-        self.inner = inner
-        self.rules_file = rules_file
-        self._max_hang = max_hang
-        self._poll = poll
-
-    def _inject(self, op: FaultOp, *paths: Path) -> None:
-        for rule in read_fault_rules(self.rules_file):
-            if not rule.applies(op, paths):
-                continue
-            if rule.effect == "hang":
-                self._hang(rule)
-            else:
-                code = int(getattr(errno, rule.errno))
-                raise OSError(code, os.strerror(code), str(paths[0]))
-
-    def _hang(self, rule: FaultRule) -> None:
-        deadline = time.monotonic() + self._max_hang
-        while time.monotonic() < deadline and rule in read_fault_rules(self.rules_file):
-            time.sleep(self._poll)
-
-    def mkdir(self, path: Path) -> None:
-        self._inject("mkdir", path)
-        self.inner.mkdir(path)
-
-    def chmod(self, path: Path, mode: int) -> None:
-        self._inject("chmod", path)
-        self.inner.chmod(path, mode)
-
-    def chown(self, path: Path, uid: int, gid: int) -> None:
-        self._inject("chown", path)
-        self.inner.chown(path, uid, gid)
-
-    def exists(self, path: Path) -> bool:
-        self._inject("exists", path)
-        return self.inner.exists(path)
-
-    def is_dir(self, path: Path) -> bool:
-        self._inject("is_dir", path)
-        return self.inner.is_dir(path)
-
-    def rename(self, src: Path, dst: Path) -> None:
-        self._inject("rename", src, dst)
-        self.inner.rename(src, dst)
-
-    def rmtree(self, path: Path) -> None:
-        self._inject("rmtree", path)
-        self.inner.rmtree(path)
-
-    def rmdir(self, path: Path) -> None:
-        self._inject("rmdir", path)
-        self.inner.rmdir(path)
-
-    def list_dirs(self, path: Path) -> list[str]:
-        self._inject("list_dirs", path)
-        return self.inner.list_dirs(path)
-
-    def write_probe(self, dir: Path) -> None:
-        self._inject("write_probe", dir)
-        self.inner.write_probe(dir)
 
 
 @dataclass(frozen=True)
@@ -433,6 +184,7 @@ class _DaemonThreadPool(concurrent.futures.Executor):
 
 
 _ARCHIVE_ATTEMPTS = 5
+_PROBE_PREFIX = f"{JOURNAL_DIR}-probe-"
 
 
 class Storage:
@@ -441,12 +193,15 @@ class Storage:
     A timed-out job keeps its thread until the kernel returns, so ``max_threads`` must exceed
     the number of concurrent callers (the reconciler's workers) plus the calls expected to hang;
     when all threads are stuck, new calls wait in the queue and time out too, and never run late.
+    A job stuck in the kernel when its caller gives up may still complete that one call (for
+    example the mkdir it was blocked in) but starts nothing after it: the caller has already
+    reported the attempt as failed, and the next attempt re-inspects the export.
     """
 
     def __init__(
         self,
         mount: Path,
-        fs: Filesystem,
+        calls: Syscalls,
         timeout: float,
         max_threads: int = 16,
         observe: Observer | None = None,
@@ -457,50 +212,88 @@ class Storage:
             raise ValueError(f"storage max_threads {max_threads!r} must be at least 1")
         self.mount = mount
         self.timeout = timeout
-        self._fs = fs
+        self._calls = calls
         self._observe = observe
         self._pool = _DaemonThreadPool(max_threads, "storage")
 
-    async def ensure_dir(self, rel: RelativeDir, owner: DirOwner) -> bool:
-        """Create ``rel`` (and missing parents); True if the leaf was created, False if reused.
+    # --- provisioning ---------------------------------------------------------------------------
 
-        The leaf is chmod'ed to ``owner.mode`` (umask-independent) and chown'ed if asked, also
-        when reused, as nfs-subdir does. Parents get 0o777 & ~umask, like ``mkdir -p``.
+    async def inspect(self, rel: RelativeDir) -> Inspection:
+        """Which levels of ``rel`` exist, and the owner records above, at and inside it.
+
+        Redirected if a component is a symlink (or not a plain directory of the export).
         """
-        return await self._run("ensure_dir", rel, lambda: self._ensure_dir(rel, owner))
+        return await self._run("inspect", rel, lambda tree: _inspect(tree, rel))
+
+    async def create_dir(
+        self, rel: RelativeDir, mode: DirOwner, owner: Owner, intent: Intent
+    ) -> None:
+        """Create ``rel`` and its missing parents for a claim, crash-safely:
+
+        the intent, then the owner record of every level about to be made, are synced to the
+        export before the first mkdir; the leaf is chmod'ed (umask-independent) and chown'ed
+        through its descriptor. If the leaf exists by the time it is made, nothing is changed
+        and the attempt fails (the next one re-inspects and decides again).
+        """
+        await self._run("create_dir", rel, lambda tree: _create(tree, rel, mode, owner, intent))
+
+    async def reuse_dir(self, rel: RelativeDir, mode: DirOwner, adopt: Owner | None) -> None:
+        """Apply mode and owner to the existing leaf ``rel`` (as nfs-subdir does on reuse), and
+        record ``adopt`` as its owner when it had no record."""
+        await self._run("reuse_dir", rel, lambda tree: _reuse(tree, rel, mode, adopt))
+
+    async def clear_intent(self, volume: str) -> None:
+        """The claim's PersistentVolume is saved: its directory no longer needs the sweep."""
+        await self._run("clear_intent", None, lambda tree: journal.clear_intent(tree, volume))
+
+    async def discard_created_dir(self, rel: RelativeDir, volume: str) -> bool:
+        """Undo ``create_dir`` for a claim that went away before its PV was saved: rmdir the
+        leaf (never recursive), drop its records and the intent. False if it held anything."""
+        return await self._run("discard_created_dir", rel, lambda tree: _discard(tree, rel, volume))
+
+    async def read_intents(self) -> tuple[list[Intent], list[str]]:
+        return await self._run("read_intents", None, journal.read_intents)
+
+    async def record_owner(self, rel: RelativeDir, owner: Owner) -> None:
+        """Hand the existing directory ``rel`` over to ``owner`` (an admin's decision)."""
+        await self._run("record_owner", rel, lambda tree: _record(tree, rel, owner))
+
+    # --- release --------------------------------------------------------------------------------
 
     async def remove_dir(self, rel: RelativeDir | str) -> bool:
-        """Remove ``rel`` and its contents; False if it was already missing. Parents stay."""
+        """Remove ``rel`` and its contents, then its records; False if it was already missing.
+        Parents stay."""
         checked = _checked(rel)
-        return await self._run("remove_dir", checked, lambda: self._remove_dir(checked))
+        return await self._run("remove_dir", checked, lambda tree: _remove(tree, checked))
 
     async def archive_dir(self, rel: RelativeDir | str) -> RelativeDir | None:
-        """Rename ``rel`` to a free ``archived-<leaf>[-N]`` beside it; None if it is missing."""
+        """Rename ``rel`` to a free ``archived-<leaf>[-N]`` beside it, records following; None if
+        it is missing."""
         checked = _checked(rel)
-        return await self._run("archive_dir", checked, lambda: self._archive_dir(checked))
+        return await self._run("archive_dir", checked, lambda tree: _archive(tree, checked))
 
-    async def discard_created_dir(self, rel: RelativeDir) -> None:
-        """Remove a leaf this provisioner just created for a claim whose PV was never saved."""
-        await self._run("discard_created_dir", rel, lambda: self._remove_dir(rel))
-
-    async def list_top_dirs(self) -> list[str]:
-        """Names of the directories directly under the export (symlinks excluded)."""
-        return await self._run("list_top_dirs", None, lambda: self._fs.list_dirs(self.mount))
-
-    async def remove_empty_dir(self, rel: RelativeDir) -> bool:
-        """Remove ``rel`` only if it is empty: True if removed, False if it holds anything or is
-        already gone. Never recursive, so it cannot lose data whatever the caller believed."""
-        return await self._run("remove_empty_dir", rel, lambda: self._remove_empty_dir(rel))
+    # --- housekeeping ---------------------------------------------------------------------------
 
     async def check_writable(self) -> None:
         """Preflight: the mount is a directory where a file can be written and removed."""
-        await self._run("check_writable", None, self._check_writable)
+        await self._run_job(
+            "check_writable", None, lambda: _check_writable(self.mount, self._calls)
+        )
 
     def close(self) -> None:
         """Stop idle threads; threads stuck in a hung call are daemons and die with the process."""
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    async def _run(self, op: str, rel: RelativeDir | None, job: Callable[[], _T]) -> _T:
+    async def _run(self, op: str, rel: RelativeDir | None, job: Callable[[Tree], _T]) -> _T:
+        """Run ``job`` on a Tree opened on the export root, in the pool, with the timeout."""
+
+        def on_tree() -> _T:
+            with Tree(self.mount, self._calls) as tree:
+                return job(tree)
+
+        return await self._run_job(op, rel, on_tree)
+
+    async def _run_job(self, op: str, rel: RelativeDir | None, job: Callable[[], _T]) -> _T:
         path = self.mount if rel is None else self.mount.joinpath(*rel.parts)
 
         def call() -> _T:
@@ -525,95 +318,127 @@ class Storage:
             if self._observe is not None:
                 self._observe(op, time.monotonic() - started, outcome)
 
-    def _ensure_dir(self, rel: RelativeDir, owner: DirOwner) -> bool:
-        for depth in range(1, len(rel.parts)):
-            parent = locate(self.mount, RelativeDir(rel.parts[:depth]))
-            if not self._fs.is_dir(parent):
-                self._make_dir("ensure_dir", parent)
-        leaf = locate(self.mount, rel)
-        created = self._make_dir("ensure_dir", leaf)
-        self._fs.chmod(leaf, owner.mode)
-        if owner.uid is not None or owner.gid is not None:
-            uid = -1 if owner.uid is None else owner.uid
-            gid = -1 if owner.gid is None else owner.gid
-            self._fs.chown(leaf, uid, gid)
-        return created
-
-    def _make_dir(self, op: str, path: Path) -> bool:
-        try:
-            self._fs.mkdir(path)
-        except FileExistsError:
-            if self._fs.is_dir(path):
-                return False
-            raise StorageError(
-                op,
-                path,
-                cause="it exists but is not a directory",
-                hint="move the file out of the way on the export, or use another pathPattern",
-            ) from None
-        return True
-
-    def _remove_dir(self, rel: RelativeDir) -> bool:
-        path = locate(self.mount, rel)
-        if not self._fs.exists(path):
-            return False
-        try:
-            self._fs.rmtree(path)
-        except FileNotFoundError:
-            # Someone else removed it meanwhile; only a leftover still on disk is a failure.
-            if self._fs.exists(path):
-                raise
-        return True
-
-    def _remove_empty_dir(self, rel: RelativeDir) -> bool:
-        try:
-            self._fs.rmdir(locate(self.mount, rel))
-        except FileNotFoundError:
-            return False
-        except OSError as exc:
-            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                return False
-            raise
-        return True
-
-    def _archive_dir(self, rel: RelativeDir) -> RelativeDir | None:
-        source = locate(self.mount, rel)
-        if not self._fs.exists(source):
-            return None
-        for _ in range(_ARCHIVE_ATTEMPTS):
-            target = archive_name(
-                rel, lambda name: self._fs.exists(self.mount.joinpath(*name.parts))
-            )
-            try:
-                self._fs.rename(source, locate(self.mount, target))
-            except FileExistsError:
-                continue  # the name was taken between the check and the rename: pick the next
-            return target
-        raise StorageError(
-            "archive_dir",
-            source,
-            cause=f"every free archive name was taken before the rename, {_ARCHIVE_ATTEMPTS} times",
-            hint="something else is creating archived-* directories here; the delete is retried",
-        )
-
-    def _check_writable(self) -> None:
-        if not self._fs.exists(self.mount):
-            raise StorageError(
-                "check_writable",
-                self.mount,
-                cause="the mount path does not exist",
-                hint="mount the NFS export there, or point the provisioner at the path it is on",
-            )
-        if not self._fs.is_dir(self.mount):
-            raise StorageError(
-                "check_writable",
-                self.mount,
-                cause="the mount path is not a directory",
-                hint="mount the NFS export there, or point the provisioner at the path it is on",
-            )
-        self._fs.write_probe(self.mount)
-
 
 def _checked(rel: RelativeDir | str) -> RelativeDir:
     # Strings come from PV annotations: validate before queueing, so refusals are immediate.
     return parse_relative(rel) if isinstance(rel, str) else rel
+
+
+def _inspect(tree: Tree, rel: RelativeDir) -> Inspection:
+    existing = tree.existing_depth(rel.parts)
+    # Records are read only for levels that exist: one left by a crash before its mkdir is stale.
+    above = [
+        (path, owner)
+        for path, owner in journal.owners_above(tree, rel.parts)
+        if path.count("/") < existing
+    ]
+    if existing < len(rel.parts):
+        return Inspection(existing, len(rel.parts), owners_above=tuple(above))
+    return Inspection(
+        existing,
+        len(rel.parts),
+        leaf_owner=journal.read_owner(tree, rel.parts),
+        owners_above=tuple(above),
+        owners_below=tuple(journal.owners_below(tree, rel.parts)),
+    )
+
+
+def _apply_mode(tree: Tree, fd: int, rel: RelativeDir, mode: DirOwner) -> None:
+    tree.calls.chmod(fd, mode.mode, str(rel))
+    if mode.uid is not None or mode.gid is not None:
+        uid = -1 if mode.uid is None else mode.uid
+        gid = -1 if mode.gid is None else mode.gid
+        tree.calls.chown(fd, uid, gid, str(rel))
+
+
+def _create(tree: Tree, rel: RelativeDir, mode: DirOwner, owner: Owner, intent: Intent) -> None:
+    existing = tree.existing_depth(rel.parts)
+    if existing == len(rel.parts):
+        raise _appeared(rel)
+    journal.write_intent(tree, intent)
+    for depth in range(existing + 1, len(rel.parts) + 1):
+        journal.write_owner(tree, rel.parts[:depth], owner)
+    fd, created = tree.make_dirs(rel.parts)
+    try:
+        if len(rel.parts) not in created:
+            raise _appeared(rel)
+        _apply_mode(tree, fd, rel, mode)
+    finally:
+        os.close(fd)
+
+
+def _appeared(rel: RelativeDir) -> StorageError:
+    return StorageError(
+        "create_dir",
+        str(rel),
+        cause="the directory appeared while it was being created",
+        hint="the next attempt decides again whether it may be reused",
+    )
+
+
+def _reuse(tree: Tree, rel: RelativeDir, mode: DirOwner, adopt: Owner | None) -> None:
+    with tree.opened(rel.parts) as fd:
+        if adopt is not None:
+            journal.write_owner(tree, rel.parts, adopt)
+        _apply_mode(tree, fd, rel, mode)
+
+
+def _discard(tree: Tree, rel: RelativeDir, volume: str) -> bool:
+    try:
+        removed = tree.remove_empty(rel.parts)
+    except FileNotFoundError:
+        removed = True
+    if removed:
+        journal.remove_owners(tree, rel.parts)
+    journal.clear_intent(tree, volume)
+    return removed
+
+
+def _record(tree: Tree, rel: RelativeDir, owner: Owner) -> None:
+    with tree.opened(rel.parts):
+        journal.write_owner(tree, rel.parts, owner)
+
+
+def _remove(tree: Tree, rel: RelativeDir) -> bool:
+    try:
+        existed = tree.remove_tree(rel.parts)
+    except FileNotFoundError:
+        existed = False  # a parent is missing, so the directory is too
+    journal.remove_owners(tree, rel.parts)
+    return existed
+
+
+def _archive(tree: Tree, rel: RelativeDir) -> RelativeDir | None:
+    def taken(name: RelativeDir) -> bool:
+        return tree.entry(name.parts) is not None
+
+    try:
+        if tree.entry(rel.parts) is None:
+            return None
+    except FileNotFoundError:
+        return None
+    for _ in range(_ARCHIVE_ATTEMPTS):
+        target = archive_name(rel, taken)
+        try:
+            if not tree.rename_dir(rel.parent_parts, rel.leaf, target.leaf):
+                return None
+        except FileExistsError:
+            continue  # the name was taken between the check and the rename: pick the next
+        journal.move_owners(tree, rel.parts, target.leaf)
+        return target
+    raise StorageError(
+        "archive_dir",
+        str(rel),
+        cause=f"every free archive name was taken before the rename, {_ARCHIVE_ATTEMPTS} times",
+        hint="something else is creating archived-* directories here; the delete is retried",
+    )
+
+
+def _check_writable(mount: Path, calls: Syscalls) -> None:
+    hint = "mount the NFS export there, or point the provisioner at the path it is on"
+    if not os.path.lexists(mount):
+        raise StorageError("check_writable", mount, "the mount path does not exist", hint)
+    if not os.path.isdir(mount):
+        raise StorageError("check_writable", mount, "the mount path is not a directory", hint)
+    with Tree(mount, calls) as tree:
+        tree.probe(f"{_PROBE_PREFIX}{uuid.uuid4().hex}")

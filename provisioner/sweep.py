@@ -1,10 +1,11 @@
-"""Remove the empty directories a crash left behind, once each time this process becomes leader.
+"""Finish what a crash interrupted, once each time this process becomes leader.
 
-SPEC §11: a crash at any point of provisioning must converge with no orphans. The one case the
-claim reconcile cannot reach is a directory created just before a crash whose claim was deleted
-while no provisioner ran: no claim or PV will ever name it again. ``app`` calls ``sweep`` before
-the work queue starts, so no provisioning of ours runs concurrently; ``orphans`` decides, and
-``Storage.remove_empty_dir`` (rmdir, never recursive) makes sure nothing with data is removed.
+SPEC §11: a crash at any point of provisioning must converge with no orphans. A provisioner
+that dies after creating a claim's directory but before saving its PV leaves the directory and
+its intent (journal.py); if the claim is deleted before any provisioner runs again, no claim or
+PV will ever name it. ``app`` calls ``sweep`` before the work queue starts, so no provisioning
+of ours runs concurrently; ``orphans.judge`` decides per intent, and
+``Storage.discard_created_dir`` (rmdir, never recursive) makes sure nothing with data is lost.
 A failed sweep is logged and retried at the next leadership; it never blocks provisioning.
 """
 
@@ -14,56 +15,71 @@ import logging
 
 from provisioner import core, orphans
 from provisioner.kube import ApiError, KubeApi
-from provisioner.paths import RelativeDir, UnsafePathError
+from provisioner.paths import UnsafePathError, parse_relative
+from provisioner.safefs import Redirected
 from provisioner.storage import Storage, StorageError
 
 logger = logging.getLogger(__name__)
 
 
-async def sweep(storage: Storage, kube: KubeApi, export_path: str) -> list[str]:
-    """Remove orphaned empty directories; returns the names removed. Never raises: the sweep
+async def sweep(
+    storage: Storage, kube: KubeApi, export_path: str, cluster: str, provisioner: str
+) -> list[str]:
+    """Settle every intent of ours; returns the directories removed. Never raises: the sweep
     is housekeeping, and a bug in it must not keep the leader from provisioning."""
     try:
-        return await _sweep(storage, kube, export_path)
+        return await _sweep(storage, kube, export_path, cluster, provisioner)
     except Exception:
         logger.exception("orphan sweep failed; provisioning goes on without it")
         return []
 
 
-async def _sweep(storage: Storage, kube: KubeApi, export_path: str) -> list[str]:
+async def _sweep(
+    storage: Storage, kube: KubeApi, export_path: str, cluster: str, provisioner: str
+) -> list[str]:
     try:
-        # The directory listing first, then the claims and PVs: any directory seen here whose
-        # claim is alive was made after that claim existed, so the later list includes it.
-        names = await storage.list_top_dirs()
-        if not any(orphans.claim_uid_of(name) for name in names):
+        # Intents first, then claims and PVs: an intent seen here whose claim is alive was
+        # written after that claim existed, so the later list includes it.
+        intents, unreadable = await storage.read_intents()
+        for name in unreadable:
+            logger.warning("orphan sweep: intent record %s is unreadable; left alone", name)
+        if not intents:
             return []
         claims = [core.claim_from(body) for body in await kube.list_claims()]
         volumes = [core.volume_from(body) for body in await kube.list_volumes()]
-    except (StorageError, ApiError) as error:
+    except (StorageError, Redirected, ApiError) as error:
         logger.warning("orphan sweep skipped: %s", error)
         return []
-    candidates = orphans.orphaned(
-        names,
-        claim_uids={claim.uid for claim in claims},
-        volume_names={volume.name for volume in volumes},
-        used_dirs=orphans.used_top_dirs(volumes, export_path),
-    )
+    claim_uids = {claim.uid for claim in claims}
+    volume_names = {volume.name for volume in volumes}
+    used = orphans.used_dirs(volumes, export_path)
     removed = []
-    for name in candidates:
+    for intent in intents:
+        action = orphans.judge(intent, cluster, provisioner, claim_uids, volume_names, used)
         try:
-            if await storage.remove_empty_dir(RelativeDir((name,))):
-                removed.append(name)
-                logger.info(
-                    "orphan sweep: removed empty directory %s: its claim and PV no longer exist "
-                    "(left by a crash between creating it and saving the PV)",
-                    name,
-                )
-            else:
-                logger.debug(
-                    "orphan sweep: kept %s: its claim and PV no longer exist, but it is not "
-                    "empty; remove or archive it by hand if it is not needed",
-                    name,
-                )
-        except (StorageError, UnsafePathError) as error:
-            logger.warning("orphan sweep: could not remove %s: %s", name, error)
+            if action is orphans.Action.CLEAR:
+                await storage.clear_intent(intent.volume)
+            elif action is orphans.Action.REMOVE:
+                directory = parse_relative(intent.directory)
+                if await storage.discard_created_dir(directory, intent.volume):
+                    removed.append(intent.directory)
+                    logger.info(
+                        "orphan sweep: removed empty directory %s: claim %s/%s (uid %s) is gone "
+                        "and its PV was never saved",
+                        intent.directory,
+                        intent.namespace,
+                        intent.claim,
+                        intent.claim_uid,
+                    )
+                else:
+                    logger.warning(
+                        "orphan sweep: kept %s: claim %s/%s is gone, but the directory is not "
+                        "empty; it stays as a leftover of namespace %s",
+                        intent.directory,
+                        intent.namespace,
+                        intent.claim,
+                        intent.namespace,
+                    )
+        except (StorageError, Redirected, UnsafePathError) as error:
+            logger.warning("orphan sweep: could not settle %s: %s", intent.directory, error)
     return removed

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from provisioner.paths import JOURNAL_DIR
+from tests.faults import FAULTS_ENV
 from tests.kubectl import kubectl
 
 REPO = Path(__file__).resolve().parents[2]
@@ -170,11 +172,22 @@ def claim(
     )
 
 
+def entries(export: Path) -> list[Path]:
+    """What is in the export's top level, except the provisioner's own records directory."""
+    return sorted(p for p in export.iterdir() if p.name != JOURNAL_DIR)
+
+
 def snapshot(root: Path) -> dict[str, str]:
-    """Every path under ``root`` with its kind and content, to prove what did (not) change."""
+    """Every path under ``root`` with its kind and content, to prove what did (not) change.
+
+    The provisioner's records (``.nfs-provisioner/``) are left out: they are its bookkeeping,
+    not anybody's data; tests that care read them directly.
+    """
     result: dict[str, str] = {}
     for path in sorted(root.rglob("*")):
         rel = str(path.relative_to(root))
+        if rel == JOURNAL_DIR or rel.startswith(f"{JOURNAL_DIR}/"):
+            continue
         if path.is_symlink():
             result[rel] = f"link:{os.readlink(path)}"
         elif path.is_dir():
@@ -182,6 +195,11 @@ def snapshot(root: Path) -> dict[str, str]:
         else:
             result[rel] = f"file:{path.read_bytes()[:64]!r}"
     return result
+
+
+def entry_module(env: dict[str, str]) -> str:
+    """The real entry point, or its fault-injecting twin when the test set a rules file."""
+    return "tests.faulty_provisioner" if FAULTS_ENV in env else "provisioner"
 
 
 @dataclass
@@ -226,7 +244,7 @@ class ProvisionerProcess:
         self.export.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "provisioner"],
+            [sys.executable, "-m", entry_module(self.extra_env)],
             cwd=REPO,
             env=self.env(),
             stdout=log,

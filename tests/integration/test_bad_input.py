@@ -16,13 +16,15 @@ from typing import Any
 
 import pytest
 
-from provisioner.storage import FaultRule, write_fault_rules
+from tests.faults import FaultRule, write_fault_rules
 from tests.integration.conftest import StartProvisioner, StorageClasses
 from tests.integration.harness import (
     REPO,
     Kube,
     ProvisionerProcess,
     claim,
+    entries,
+    entry_module,
     snapshot,
     unique,
     wait_for,
@@ -197,7 +199,7 @@ def test_failing_filesystem_call_names_the_cause_and_a_hint(
     event = admin.wait_event(namespace, "denied", "ProvisioningFailed")
     assert "Permission denied" in event or "permission denied" in event
     assert "root_squash" in event
-    assert not any((tmp_path / "export").iterdir())
+    assert not any(entries(tmp_path / "export"))
 
 
 # --- process configuration and preflight ------------------------------------------------------
@@ -219,7 +221,7 @@ def check_env(kubeconfig: Path, mount: Path, **extra: str) -> dict[str, str]:
 def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("NFS_", "PROVISIONER_"))}
     return subprocess.run(
-        [sys.executable, "-m", "provisioner", *args],
+        [sys.executable, "-m", entry_module(env), *args],
         cwd=REPO,
         env={**clean, **env},
         capture_output=True,
@@ -271,7 +273,9 @@ def test_check_reports_an_unwritable_mount(sa_kubeconfig: Path, tmp_path: Path) 
     export = tmp_path / "export"
     export.mkdir()
     faults = tmp_path / "faults.json"
-    write_fault_rules(faults, [FaultRule(op="write_probe", errno="EACCES")])
+    write_fault_rules(
+        faults, [FaultRule(op="open", match=".nfs-provisioner-probe-", errno="EACCES")]
+    )
     result = run_cli(
         "check",
         env=check_env(sa_kubeconfig, export, NFS_PROVISIONER_UNSAFE_FAULTS_FILE=str(faults)),
@@ -279,7 +283,7 @@ def test_check_reports_an_unwritable_mount(sa_kubeconfig: Path, tmp_path: Path) 
     assert result.returncode == 1
     assert f"export mount {export}" in result.stdout
     assert "root_squash" in result.stdout
-    assert list(export.iterdir()) == []
+    assert list(entries(export)) == []
 
 
 def test_check_lists_a_missing_rbac_rule_ready_to_paste(
@@ -327,7 +331,7 @@ def test_check_passes_with_the_shipped_rbac(sa_kubeconfig: Path, tmp_path: Path)
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "every RBAC permission the provisioner needs is granted" in result.stdout
-    wait_for("probe file removed", lambda: list(export.iterdir()) == [], timeout=5)
+    wait_for("probe file removed", lambda: list(entries(export)) == [], timeout=5)
 
 
 def test_claim_nested_inside_another_volume_is_refused(

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from provisioner.storage import FaultRule, write_fault_rules
+from tests.faults import FaultRule, write_fault_rules
 from tests.integration.conftest import SA_NAMESPACE, StartProvisioner, StorageClasses
 from tests.integration.harness import (
     Kube,
@@ -188,7 +188,9 @@ def test_readyz_flips_when_the_mount_becomes_unwritable(
     process = provisioner(NFS_PROVISIONER_UNSAFE_FAULTS_FILE=str(faults))
     assert process.get("/readyz") == (200, "ok\n")
     assert process.get("/healthz") == (200, "ok\n")
-    write_fault_rules(faults, [FaultRule(op="write_probe", errno="EROFS")])
+    write_fault_rules(
+        faults, [FaultRule(op="open", match=".nfs-provisioner-probe-", errno="EROFS")]
+    )
 
     def unready() -> str | None:
         status, body = process.get("/readyz")

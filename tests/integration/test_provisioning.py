@@ -16,6 +16,7 @@ from tests.integration.harness import (
     NFS_SERVER,
     Kube,
     claim,
+    entries,
     storage_class,
     unique,
     wait_for,
@@ -174,7 +175,7 @@ def test_twenty_claims_at_once_bind_to_distinct_directories(
     volumes = {c["spec"]["volumeName"] for c in bound}  # type: ignore[index]
     assert len(volumes) == 20
     export = tmp_path / "export"
-    dirs = sorted(p.name for p in export.iterdir())
+    dirs = sorted(p.name for p in entries(export))
     assert dirs == sorted(
         f"{namespace}-{c['metadata']['name']}-{c['spec']['volumeName']}"  # type: ignore[index]
         for c in bound
@@ -188,18 +189,20 @@ def test_leftover_directory_is_reused_and_the_event_says_so(
     storage_classes: StorageClasses,
     tmp_path: Path,
 ) -> None:
+    """A directory made by hand (no owner record) under the claim's own namespace is reused;
+    test_tenants.py has the foreign-namespace and recorded cases."""
     process = provisioner()
     class_name = storage_classes(
-        process.name, {"pathPattern": "${.PVC.namespace}-${.PVC.name}"}, prefix="stable"
+        process.name, {"pathPattern": "${.PVC.namespace}/${.PVC.name}"}, prefix="stable"
     )
-    leftover = tmp_path / "export" / f"{namespace}-db"
-    leftover.mkdir()
+    leftover = tmp_path / "export" / namespace / "db"
+    leftover.mkdir(parents=True)
     (leftover / "data.txt").write_text("kept")
     admin.apply(claim("db", namespace, class_name))
     admin.wait_phase("pvc", "db", "Bound", namespace)
     assert (leftover / "data.txt").read_text() == "kept"
     messages = [e["message"] for e in admin.events(namespace, "db")]
-    assert any(f'Reusing existing directory "{namespace}-db"' in m for m in messages), messages
+    assert any(f'Reusing existing directory "{namespace}/db"' in m for m in messages), messages
 
 
 def test_missing_class_is_waited_for(
@@ -227,7 +230,7 @@ def test_crash_mid_batch_converges_to_one_directory_and_one_volume_per_claim(
     class_name = storage_classes(process.name, prefix="crash")
     names = [f"k{i:02d}" for i in range(30)]
     admin.apply("\n---\n".join(claim(n, namespace, class_name) for n in names))
-    wait_for("the first directory", lambda: any(export.iterdir()), timeout=60, interval=0.02)
+    wait_for("the first directory", lambda: any(entries(export)), timeout=60, interval=0.02)
     process.kill()
     volumes_at_kill = [
         pv
@@ -248,7 +251,7 @@ def test_crash_mid_batch_converges_to_one_directory_and_one_volume_per_claim(
         f"{namespace}-{c['metadata']['name']}-pvc-{c['metadata']['uid']}"  # type: ignore[index]
         for c in claims
     }
-    assert {p.name for p in export.iterdir()} == expected  # one each, no orphans
+    assert {p.name for p in entries(export)} == expected  # one each, no orphans
     ours = [
         pv
         for pv in admin.items("pv")

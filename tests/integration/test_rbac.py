@@ -110,7 +110,8 @@ def test_each_rule_is_needed_and_check_names_it(
             f"  # {where}\n"
             f'  - apiGroups: ["{rule["apiGroups"][0]}"]\n'
             f'    resources: ["{rule["resources"][0]}"]\n'
-            f'    verbs: ["{verb}"]'
+            + "".join(f'    resourceNames: ["{name}"]\n' for name in rule.get("resourceNames", []))
+            + f'    verbs: ["{verb}"]'
         )
         assert expected in result.stdout
         assert result.stdout.count("apiGroups") == 1, result.stdout

@@ -13,12 +13,13 @@ from typing import Any
 
 import pytest
 
-from provisioner.storage import FaultRule, write_fault_rules
+from tests.faults import FaultRule, write_fault_rules
 from tests.integration.conftest import StartProvisioner, StorageClasses
 from tests.integration.harness import (
     Kube,
     ProvisionerProcess,
     claim,
+    entries,
     snapshot,
     wait_for,
 )
@@ -101,7 +102,7 @@ def test_on_delete_table(
         assert (archive / "SUCCESS").read_text() == f"{namespace}/data"
         message = admin.wait_event(None, p.volume, "VolumeArchived")
         assert f'archived as "{archive.name}"' in message
-    assert sorted(export.iterdir()) == sorted(
+    assert entries(export) == sorted(
         {"removed": [], "kept": [p.directory], "archived": [archive]}[fate]
     )
 
@@ -265,7 +266,7 @@ def test_deleted_storage_class_still_gets_the_recorded_policy(
     delete_claim(admin, p)
     admin.wait_gone("pv", p.volume)
     assert not p.directory.exists()
-    assert not any(export.iterdir())
+    assert not any(entries(export))
 
 
 def test_missing_directory_is_success_with_a_warning(
@@ -282,7 +283,7 @@ def test_missing_directory_is_success_with_a_warning(
     delete_claim(admin, p)
     admin.wait_gone("pv", p.volume)
     assert "already missing" in admin.wait_event(None, p.volume, "VolumeArchived")
-    assert not any(export.iterdir())
+    assert not any(entries(export))
     assert "was already missing" in process.logs()
 
 
@@ -305,7 +306,7 @@ def test_failing_remove_reports_and_other_volumes_complete(
     faults = tmp_path / "faults.json"
     write_fault_rules(
         faults,
-        [FaultRule(op="rmtree", match="-blocked-", effect=effect, errno="EACCES")],  # type: ignore[arg-type]
+        [FaultRule(op="unlink", match="-blocked-", effect=effect, errno="EACCES")],  # type: ignore[arg-type]
     )
     process = provisioner(NFS_PROVISIONER_UNSAFE_FAULTS_FILE=str(faults), FS_TIMEOUT="1")
     export = tmp_path / "export"
@@ -343,7 +344,7 @@ def test_statefulset_style_claims_are_created_and_released(
     admin.run("delete", "pvc", "-l", "app=web", "-n", namespace, "--wait=false")
     for c in claims:
         admin.wait_gone("pv", c.volume)
-    assert not any(export.iterdir())
+    assert not any(entries(export))
 
 
 def test_crash_mid_batch_of_releases_converges(
@@ -380,8 +381,8 @@ def test_crash_mid_batch_of_releases_converges(
     wait_for(
         "the first release",
         lambda: (
-            any(p.name.startswith("archived-") for p in export.iterdir())
-            or len(list(export.iterdir())) < len(names)
+            any(p.name.startswith("archived-") for p in entries(export))
+            or len(list(entries(export))) < len(names)
         ),
         timeout=60,
         interval=0.02,
@@ -401,4 +402,4 @@ def test_crash_mid_batch_of_releases_converges(
         for c in bound
         if c["spec"]["storageClassName"] == archive_class
     )
-    assert sorted(p.name for p in export.iterdir()) == expected
+    assert sorted(p.name for p in entries(export)) == expected

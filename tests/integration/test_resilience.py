@@ -24,7 +24,7 @@ import pytest
 
 from controlplane.runner import KUBE_APISERVER, KUBE_CONTROLLER_MANAGER, ControlPlane
 from tests.integration.conftest import StartProvisioner, StorageClasses
-from tests.integration.harness import Kube, claim, wait_for
+from tests.integration.harness import Kube, claim, entries, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -135,7 +135,7 @@ def test_apiserver_restart_resumes_watches_and_loses_or_duplicates_nothing(
         expected_dirs = {
             f"{namespace}-{c['metadata']['name']}-pvc-{c['metadata']['uid']}" for c in claims
         }
-        assert {p.name for p in export.iterdir()} == expected_dirs  # one each, no orphans
+        assert {p.name for p in entries(export)} == expected_dirs  # one each, no orphans
         volumes = _volumes_of(admin, process.name)
         assert sorted(pv["spec"]["claimRef"]["uid"] for pv in volumes) == sorted(
             c["metadata"]["uid"] for c in claims

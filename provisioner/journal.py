@@ -1,0 +1,203 @@
+"""The provisioner's own records on the export: provisioning intents and directory owners.
+
+Both live in ``.nfs-provisioner/`` at the export root, outside every volume (paths.py refuses
+that name as a claim's directory, so no tenant can reach it):
+
+- ``intents/<pv name>.json``: written and synced before a claim's directory is created, removed
+  once its PersistentVolume is saved. After a crash, ``sweep.py`` reads the intents of this
+  provisioner and cluster only, and removes the (empty) directory of a claim that is gone.
+- ``owners/<d+component>/.../owner.json``: which cluster and namespace a directory was created
+  for, in a tree that mirrors the export's (so the records inside or above a directory are one
+  walk away). Written before the directory is made, moved with it when it is archived, removed
+  with it. ``ownership.py`` decides reuse from these records.
+
+Storage calls these functions inside its timed jobs, on a ``safefs.Tree``. No kopf, kubernetes
+or prometheus here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+from provisioner.paths import JOURNAL_DIR
+from provisioner.safefs import Tree
+
+INTENTS = (JOURNAL_DIR, "intents")
+OWNERS = (JOURNAL_DIR, "owners")
+RECORD = "owner.json"
+_MAX_MIRROR_NAME = 255
+_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who a directory on the export belongs to: a namespace of one cluster."""
+
+    cluster: str
+    namespace: str
+    provisioner: str = ""
+    volume: str = ""
+    """The PersistentVolume it was created for; empty when an admin handed it over."""
+    since: str = ""
+
+    def same_tenant(self, other: Owner) -> bool:
+        return (self.cluster, self.namespace) == (other.cluster, other.namespace)
+
+    def describe(self) -> str:
+        return f'namespace "{self.namespace}" (cluster {self.cluster or "unknown"})'
+
+
+UNREADABLE = Owner(cluster="", namespace="<unreadable owner record>")
+"""Stands for a record that exists but cannot be parsed: it matches no tenant."""
+
+
+@dataclass(frozen=True)
+class Intent:
+    """A directory about to be created for a claim whose PersistentVolume is not saved yet."""
+
+    volume: str
+    namespace: str
+    claim: str
+    claim_uid: str
+    directory: str
+    cluster: str
+    provisioner: str
+    since: str = ""
+
+
+def mirror_name(component: str) -> str:
+    """The mirror tree's name for one path component: ``d<component>``, or ``h<sha256>`` when
+    that would be too long. Neither can be ``owner.json`` or a temporary file's name."""
+    name = f"d{component}"
+    if len(name.encode("utf-8", "surrogatepass")) <= _MAX_MIRROR_NAME:
+        return name
+    return "h" + hashlib.sha256(component.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def component_of(mirror: str) -> str | None:
+    """The path component a mirror name stands for; None for a hashed one."""
+    return mirror[1:] if mirror.startswith("d") else None
+
+
+def mirror_of(parts: Sequence[str]) -> tuple[str, ...]:
+    return (*OWNERS, *(mirror_name(part) for part in parts))
+
+
+def _encode(value: object) -> bytes:
+    return (json.dumps({"version": _VERSION, **asdict(value)}, sort_keys=True) + "\n").encode()  # type: ignore[call-overload]
+
+
+def _decode_owner(raw: bytes) -> Owner:
+    try:
+        data = json.loads(raw)
+        return Owner(
+            cluster=str(data["cluster"]),
+            namespace=str(data["namespace"]),
+            provisioner=str(data.get("provisioner", "")),
+            volume=str(data.get("volume", "")),
+            since=str(data.get("since", "")),
+        )
+    except (ValueError, KeyError, TypeError):
+        return UNREADABLE
+
+
+# --- owners --------------------------------------------------------------------------------------
+
+
+def read_owner(tree: Tree, parts: Sequence[str]) -> Owner | None:
+    raw = tree.read_file(mirror_of(parts), RECORD)
+    return None if raw is None else _decode_owner(raw)
+
+
+def write_owner(tree: Tree, parts: Sequence[str], owner: Owner) -> None:
+    os.close(tree.make_dirs(mirror_of(parts))[0])
+    tree.write_file(mirror_of(parts), RECORD, _encode(owner))
+
+
+def remove_owners(tree: Tree, parts: Sequence[str]) -> None:
+    """Forget the records of ``parts`` and of everything below it (the directory is gone)."""
+    with contextlib.suppress(FileNotFoundError):
+        tree.remove_tree(mirror_of(parts))
+
+
+def move_owners(tree: Tree, parts: Sequence[str], new_leaf: str) -> None:
+    """Follow a rename of ``parts`` to ``new_leaf`` in the same parent. A record already at the
+    new name is stale (no directory was there) and is replaced."""
+    parent = mirror_of(parts[:-1])
+    target = (*parts[:-1], new_leaf)
+    try:
+        tree.rename_dir(parent, mirror_name(parts[-1]), mirror_name(new_leaf))
+    except FileExistsError:
+        tree.remove_tree(mirror_of(target))
+        tree.rename_dir(parent, mirror_name(parts[-1]), mirror_name(new_leaf))
+    except FileNotFoundError:
+        pass  # no record, not even for the parent: nothing to move
+
+
+def owners_above(tree: Tree, parts: Sequence[str]) -> list[tuple[str, Owner]]:
+    """Records of the directories strictly above ``parts``, outermost first."""
+    found = []
+    for depth in range(1, len(parts)):
+        owner = read_owner(tree, parts[:depth])
+        if owner is not None:
+            found.append(("/".join(parts[:depth]), owner))
+    return found
+
+
+def owners_below(tree: Tree, parts: Sequence[str], limit: int = 10000) -> list[tuple[str, Owner]]:
+    """Records of the directories strictly inside ``parts`` (at most ``limit``)."""
+    found: list[tuple[str, Owner]] = []
+    pending: list[tuple[tuple[str, ...], str]] = [(mirror_of(parts), "/".join(parts))]
+    while pending and len(found) < limit:
+        mirror, shown = pending.pop()
+        try:
+            children = tree.list_dirs(mirror)
+        except FileNotFoundError:
+            continue
+        for child in children:
+            component = component_of(child)
+            child_shown = f"{shown}/{component if component is not None else '<long name>'}"
+            raw = tree.read_file((*mirror, child), RECORD)
+            if raw is not None:
+                found.append((child_shown, _decode_owner(raw)))
+            pending.append(((*mirror, child), child_shown))
+    return found
+
+
+# --- intents -------------------------------------------------------------------------------------
+
+
+def write_intent(tree: Tree, intent: Intent) -> None:
+    os.close(tree.make_dirs(INTENTS)[0])
+    tree.write_file(INTENTS, f"{intent.volume}.json", _encode(intent))
+
+
+def clear_intent(tree: Tree, volume: str) -> bool:
+    return tree.remove_file(INTENTS, f"{volume}.json")
+
+
+def read_intents(tree: Tree) -> tuple[list[Intent], list[str]]:
+    """Every intent on the export, and the names of the files that could not be parsed."""
+    intents: list[Intent] = []
+    unreadable: list[str] = []
+    for name in tree.list_files(INTENTS):
+        if not name.endswith(".json"):
+            continue
+        raw = tree.read_file(INTENTS, name)
+        if raw is None:
+            continue
+        try:
+            data = json.loads(raw)
+            intents.append(
+                Intent(
+                    **{key: str(data[key]) for key in Intent.__dataclass_fields__ if key in data}
+                )
+            )
+        except (ValueError, TypeError):
+            unreadable.append(name)
+    return intents, unreadable

@@ -1,0 +1,123 @@
+"""Whether a claim may have the directory its class renders: a pure decision, no I/O.
+
+SPEC §4: reuse of a leftover directory never crosses a tenant boundary. The reconciler asks
+storage to inspect the directory (which levels exist, and the owner records above, at and
+inside it, see journal.py) and asks ``decide`` what to do:
+
+- a new directory is created, unless one of its existing parents belongs to another namespace;
+- an existing directory with our owner record is reused only by a claim of that namespace (and
+  cluster), and only if nothing inside it belongs to another one;
+- an existing directory without a record (made by hand, or by nfs-subdir before the image was
+  swapped) is reused only when the path is confined to the claim's namespace: its first
+  component is the namespace, or it is the default ``<namespace>-<claim>-pvc-<uid>`` name,
+  which only this claim renders. The record is then written (adopted).
+
+Everything else is refused with a message that names the directory and the admin-only way to
+hand it over (``nfs-provisioner handover``, run inside the provisioner's pod).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import dataclass
+
+from provisioner.journal import Owner
+from provisioner.paths import RelativeDir
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """What storage found on the export for one directory."""
+
+    existing: int
+    """How many leading components exist (all of them: the directory itself exists)."""
+    depth: int
+    leaf_owner: Owner | None = None
+    owners_above: tuple[tuple[str, Owner], ...] = ()
+    owners_below: tuple[tuple[str, Owner], ...] = ()
+
+    @property
+    def exists(self) -> bool:
+        return self.existing == self.depth
+
+
+class Plan(enum.Enum):
+    CREATE = "create"
+    REUSE = "reuse"
+    REFUSE = "refuse"
+
+
+@dataclass(frozen=True)
+class Decision:
+    plan: Plan
+    reason: str
+    adopt: bool = False
+    """REUSE of a directory without a record: write one for the claim's namespace."""
+
+
+def _quote(value: str) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def handover_hint(directory: str, namespace: str, provisioner_namespace: str) -> str:
+    return (
+        "If the data really is meant for this namespace, a cluster admin can hand the directory "
+        f"over: kubectl -n {provisioner_namespace} exec deploy/nfs-provisioner -- "
+        f"nfs-provisioner handover --directory {_quote(directory)} --namespace {_quote(namespace)}"
+    )
+
+
+def decide(
+    inspection: Inspection,
+    directory: RelativeDir,
+    tenant: Owner,
+    default_name: bool,
+    provisioner_namespace: str,
+) -> Decision:
+    """Create, reuse or refuse ``directory`` for a claim of ``tenant``'s namespace.
+
+    ``default_name``: the directory is the default name for this very claim (it contains the
+    claim's uid, so no other claim renders it).
+    """
+    shown = _quote(str(directory))
+    hint = handover_hint(str(directory), tenant.namespace, provisioner_namespace)
+    for path, above in inspection.owners_above:
+        if not above.same_tenant(tenant):
+            return Decision(
+                Plan.REFUSE,
+                f"directory {shown} would be inside {_quote(path)}, which belongs to "
+                f"{above.describe()}; a claim never gets a directory inside another "
+                f"namespace's. Change the pathPattern inputs (labels/annotations). {hint}",
+            )
+    if not inspection.exists:
+        return Decision(Plan.CREATE, "the directory does not exist yet")
+    owner = inspection.leaf_owner
+    if owner is not None and not owner.same_tenant(tenant):
+        return Decision(
+            Plan.REFUSE,
+            f"directory {shown} already exists and belongs to {owner.describe()}; a leftover "
+            f"directory is only reused by a claim of its own namespace. {hint}",
+        )
+    for path, inner in inspection.owners_below:
+        if not inner.same_tenant(tenant):
+            return Decision(
+                Plan.REFUSE,
+                f"directory {shown} already exists and holds {_quote(path)}, which belongs to "
+                f"{inner.describe()}; it is not given to another namespace. {hint}",
+            )
+    if owner is not None:
+        return Decision(Plan.REUSE, f"left by a claim of namespace {_quote(tenant.namespace)}")
+    if default_name or directory.parts[0] == tenant.namespace:
+        return Decision(
+            Plan.REUSE,
+            "it has no owner record and its path is confined to the claim's namespace",
+            adopt=True,
+        )
+    return Decision(
+        Plan.REFUSE,
+        f"directory {shown} already exists but has no owner record (made by hand or by "
+        "another provisioner), and its path is not confined to the claim's namespace (the first "
+        f"component is not {_quote(tenant.namespace)}), so it may hold another tenant's data. "
+        f"{hint}",
+    )
