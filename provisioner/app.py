@@ -17,14 +17,14 @@ from pathlib import Path
 
 import kopf
 
-from provisioner import handlers
+from provisioner import core, handlers
 from provisioner.cache import Cache
 from provisioner.config import Settings
 from provisioner.httpserver import Readiness, make_app, serve
 from provisioner.kube import ApiError, KubeApi, ObjectRef, load_api_client
 from provisioner.leader import LeaderElector, LeadershipLost, make_lock
 from provisioner.metrics import Metrics
-from provisioner.reconciler import Identity, Reconciler, resync_forever
+from provisioner.reconciler import Identity, Reconciler, gate, resync_forever
 from provisioner.safefs import LocalSyscalls, Syscalls
 from provisioner.storage import Storage
 from provisioner.sweep import sweep
@@ -61,7 +61,7 @@ class Provisioner:
             max_threads=settings.workers * 2 + 4,
             observe=self.metrics.observe_fs,
         )
-        self.cache = Cache()
+        self.cache = Cache(core.Export(settings.nfs_server, settings.nfs_path))
         self.reconciler = Reconciler(
             settings,
             self.cache,
@@ -115,10 +115,12 @@ class Provisioner:
         await sweep(
             self.storage,
             self.kube,
-            self.settings.nfs_path,
+            self.reconciler.export,
             self.reconciler.cluster,
             self.settings.provisioner_name,
         )
+        # The gate: our own complete lists before the first reconcile (see reconciler.gate).
+        await gate(self.reconciler)
         self.reconciler.resync()  # everything the cache gathered while standing by
         await asyncio.gather(
             self.reconciler.queue.run(),

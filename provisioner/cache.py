@@ -1,25 +1,163 @@
-"""In-memory view of the cluster built from watch events: claims, volumes and StorageClasses.
+"""In-memory view of the cluster: claims, volumes and StorageClasses.
 
-Fed by the kopf event handlers, read by the reconciler; like client-go's informer caches, but only
+Fed by the kopf event handlers and by the complete lists the reconciler takes before its first
+reconcile and at every resync; read by the reconciler. Like client-go's informer caches, but only
 the narrowed ``core`` values are kept (not whole objects), which keeps memory small with thousands
-of claims. Plain data structures, no I/O.
+of claims. A list can be older than an event already applied, and a watch gap loses DELETED
+events: ``plan_merge`` decides which version of each object wins. Plain data structures, no I/O.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TypeVar
 
-from provisioner.core import Claim, StorageClass, Volume
+from provisioner.core import Claim, Export, StorageClass, Volume, volume_directories
+
+T = TypeVar("T")
+
+MAX_TOMBSTONES = 10_000
+"""Recent DELETED events remembered per kind. A tombstone is only needed until a list taken after
+its deletion is merged (then it expires); the bound keeps a long standby from growing it."""
+
+
+def _integer(version: str) -> int | None:
+    try:
+        return int(version)
+    except ValueError:
+        return None
+
+
+def newer(candidate: str, current: str) -> bool:
+    """Whether resourceVersion ``candidate`` is later than ``current``.
+
+    The API calls them opaque, but they are etcd revisions, so they are compared as integers
+    when both parse. When one does not, the answer is no: what the cache holds wins.
+    """
+    a, b = _integer(candidate), _integer(current)
+    return a is not None and b is not None and a > b
+
+
+def at_or_before(version: str, list_version: str) -> bool:
+    """Whether an object at ``version`` is covered by a list taken at ``list_version``."""
+    a, b = _integer(version), _integer(list_version)
+    return a is not None and b is not None and a <= b
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    put: tuple[str, ...]
+    """Listed keys to store: new to the cache, or newer than what it holds."""
+    drop: tuple[str, ...]
+    """Held keys the list proves gone."""
+
+
+def plan_merge(
+    held: Mapping[str, str],
+    listed: Mapping[str, str],
+    list_version: str,
+    tombstones: Mapping[str, str],
+) -> MergePlan:
+    """Merge a complete list into the cache; every mapping is key -> resourceVersion.
+
+    - A listed object is stored unless the cache holds the same or a newer version (a watch
+      event applied after the list was taken), or a watch reported it DELETED at its listed
+      version or later (a tombstone): an older list never overwrites a newer event, nor
+      resurrects an object the watch saw deleted.
+    - A held object absent from the list is dropped when its version is not after the list's:
+      it was deleted while nothing watched (kopf re-lists after 410 Gone but reports no DELETED
+      for what vanished). One held at a later version was created after the list was taken.
+    """
+    put = tuple(
+        key
+        for key, version in listed.items()
+        if (key not in held or newer(version, held[key]))
+        and (key not in tombstones or newer(version, tombstones[key]))
+    )
+    drop = tuple(
+        key
+        for key, version in held.items()
+        if key not in listed and at_or_before(version, list_version)
+    )
+    return MergePlan(put, drop)
+
+
+class Tombstones:
+    """The resourceVersions of recent DELETED watch events, by key, oldest first, bounded."""
+
+    def __init__(self, limit: int = MAX_TOMBSTONES) -> None:
+        self._versions: dict[str, str] = {}
+        self._limit = limit
+
+    def add(self, key: str, version: str) -> None:
+        self._versions.pop(key, None)
+        self._versions[key] = version
+        while len(self._versions) > self._limit:
+            del self._versions[next(iter(self._versions))]
+
+    def expire(self, list_version: str) -> None:
+        """Forget the deletions a merged list at ``list_version`` already reflects: every later
+        list is taken later still, so it cannot show those objects either."""
+        self._versions = {
+            key: version
+            for key, version in self._versions.items()
+            if not at_or_before(version, list_version)
+        }
+
+    def view(self) -> Mapping[str, str]:
+        return self._versions
+
+    def __len__(self) -> int:
+        return len(self._versions)
+
+
+@dataclass(frozen=True)
+class Merged:
+    """What merging one list changed."""
+
+    listed: int
+    stored: int
+    dropped: tuple[str, ...]
+
+
+def _merge(
+    held: Mapping[str, str],
+    listed: Mapping[str, tuple[str, T]],
+    list_version: str,
+    tombstones: Tombstones,
+    put: Callable[[T], None],
+    drop: Callable[[str], None],
+) -> Merged:
+    plan = plan_merge(
+        held,
+        {key: version for key, (version, _) in listed.items()},
+        list_version,
+        tombstones.view(),
+    )
+    for key in plan.put:
+        put(listed[key][1])
+    for key in plan.drop:
+        drop(key)
+    tombstones.expire(list_version)
+    return Merged(listed=len(listed), stored=len(plan.put), dropped=plan.drop)
 
 
 class Cache:
-    def __init__(self) -> None:
+    def __init__(self, export: Export) -> None:
+        self.export = export
+        """Our NFS server and path: a PV owns a directory here by our annotations or spec.nfs."""
         self._claims: dict[str, Claim] = {}
         self._volumes: dict[str, Volume] = {}
         self._classes: dict[str, StorageClass] = {}
+        self._class_versions: dict[str, str] = {}
         self._claims_by_class: defaultdict[str, set[str]] = defaultdict(set)
-        self._volumes_by_dir: defaultdict[tuple[str, str], set[str]] = defaultdict(set)
+        self._volumes_by_dir: defaultdict[str, set[str]] = defaultdict(set)
+        self._dirs_of_volume: dict[str, frozenset[str]] = {}
+        self._deleted_claims = Tombstones()
+        self._deleted_volumes = Tombstones()
+        self._deleted_classes = Tombstones()
 
     # --- claims, keyed by uid ------------------------------------------------------------------
 
@@ -37,6 +175,22 @@ class Cache:
             if not members:
                 del self._claims_by_class[old.class_name]
 
+    def claim_deleted(self, claim: Claim) -> None:
+        """A watch DELETED event: drop the claim and remember the deletion (see plan_merge)."""
+        self.drop_claim(claim.uid)
+        self._deleted_claims.add(claim.uid, claim.resource_version)
+
+    def merge_claims(self, claims: Iterable[Claim], list_version: str) -> Merged:
+        """Merge a complete list of claims taken at ``list_version``; returns the dropped uids."""
+        return _merge(
+            {uid: claim.resource_version for uid, claim in self._claims.items()},
+            {claim.uid: (claim.resource_version, claim) for claim in claims},
+            list_version,
+            self._deleted_claims,
+            self.put_claim,
+            self.drop_claim,
+        )
+
     def claim(self, uid: str) -> Claim | None:
         return self._claims.get(uid)
 
@@ -51,17 +205,41 @@ class Cache:
     def put_volume(self, volume: Volume) -> None:
         self.drop_volume(volume.name)
         self._volumes[volume.name] = volume
-        if volume.directory is not None:
-            self._volumes_by_dir[(volume.export_path or "", volume.directory)].add(volume.name)
+        directories = volume_directories(volume, self.export)
+        if directories:
+            self._dirs_of_volume[volume.name] = directories
+        for directory in directories:
+            self._volumes_by_dir[directory].add(volume.name)
 
     def drop_volume(self, name: str) -> None:
-        old = self._volumes.pop(name, None)
-        if old is not None and old.directory is not None:
-            key = (old.export_path or "", old.directory)
-            members = self._volumes_by_dir[key]
+        self._volumes.pop(name, None)
+        for directory in self._dirs_of_volume.pop(name, ()):
+            members = self._volumes_by_dir[directory]
             members.discard(name)
             if not members:
-                del self._volumes_by_dir[key]
+                del self._volumes_by_dir[directory]
+
+    def volume_deleted(self, volume: Volume) -> bool:
+        """A watch DELETED event: drop the PV unless the cache holds a newer one of that name
+        (re-created: events of two objects can arrive in either order); remember the deletion.
+        Returns whether it was dropped."""
+        self._deleted_volumes.add(volume.name, volume.resource_version)
+        held = self._volumes.get(volume.name)
+        if held is not None and newer(held.resource_version, volume.resource_version):
+            return False
+        self.drop_volume(volume.name)
+        return True
+
+    def merge_volumes(self, volumes: Iterable[Volume], list_version: str) -> Merged:
+        """Merge a complete list of PVs taken at ``list_version``; returns the dropped names."""
+        return _merge(
+            {name: volume.resource_version for name, volume in self._volumes.items()},
+            {volume.name: (volume.resource_version, volume) for volume in volumes},
+            list_version,
+            self._deleted_volumes,
+            self.put_volume,
+            self.drop_volume,
+        )
 
     def volume(self, name: str) -> Volume | None:
         return self._volumes.get(name)
@@ -69,12 +247,12 @@ class Cache:
     def volumes(self) -> Iterator[Volume]:
         return iter(list(self._volumes.values()))
 
-    def volumes_recording(self, export_path: str, directory: str) -> set[str]:
-        """Names of the PVs that record this directory of this export."""
-        return set(self._volumes_by_dir.get((export_path, directory), ()))
+    def volumes_recording(self, directory: str) -> set[str]:
+        """Names of the PVs that own this directory of our export (core.volume_directories)."""
+        return set(self._volumes_by_dir.get(directory, ()))
 
-    def volumes_overlapping(self, export_path: str, directory: str) -> set[str]:
-        """PVs whose directory is this one, inside it, or contains it.
+    def volumes_overlapping(self, directory: str) -> set[str]:
+        """PVs whose directory on our export is this one, inside it, or contains it.
 
         A claim must not get a directory inside another volume's (or around it): that would
         hand one tenant's data to another through a crafted pathPattern input.
@@ -82,20 +260,43 @@ class Cache:
         parts = directory.split("/")
         found: set[str] = set()
         for depth in range(1, len(parts) + 1):
-            found |= self.volumes_recording(export_path, "/".join(parts[:depth]))
+            found |= self.volumes_recording("/".join(parts[:depth]))
         prefix = f"{directory}/"
-        for (export, recorded), names in self._volumes_by_dir.items():
-            if export == export_path and recorded.startswith(prefix):
+        for recorded, names in self._volumes_by_dir.items():
+            if recorded.startswith(prefix):
                 found |= names
         return found
 
-    # --- StorageClasses ----------------------------------------------------------------------
+    # --- StorageClasses, keyed by name (core.StorageClass has no version: it is kept here) -------
 
-    def put_class(self, storage_class: StorageClass) -> None:
+    def put_class(self, storage_class: StorageClass, resource_version: str = "") -> None:
         self._classes[storage_class.name] = storage_class
+        self._class_versions[storage_class.name] = resource_version
 
     def drop_class(self, name: str) -> None:
         self._classes.pop(name, None)
+        self._class_versions.pop(name, None)
+
+    def class_deleted(self, name: str, resource_version: str) -> None:
+        """A watch DELETED event: drop the class and remember the deletion (see plan_merge)."""
+        self.drop_class(name)
+        self._deleted_classes.add(name, resource_version)
+
+    def merge_classes(
+        self, classes: Iterable[tuple[StorageClass, str]], list_version: str
+    ) -> Merged:
+        """Merge a complete list of (StorageClass, resourceVersion) taken at ``list_version``."""
+        return _merge(
+            dict(self._class_versions),
+            {
+                storage_class.name: (version, (storage_class, version))
+                for storage_class, version in classes
+            },
+            list_version,
+            self._deleted_classes,
+            lambda item: self.put_class(*item),
+            self.drop_class,
+        )
 
     def storage_class(self, name: str | None) -> StorageClass | None:
         return self._classes.get(name) if name else None

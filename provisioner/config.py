@@ -64,7 +64,7 @@ class Settings:
     http_host: str = "0.0.0.0"  # noqa: S104 - probes and metrics must be reachable from the kubelet
     http_port: int = 8080
     client_qps: float = 100.0
-    """Sustained API requests per second (3 per provisioned claim); upstream's 5 is far slower."""
+    """Sustained API requests per second (4 per provisioned claim); upstream's 5 is far slower."""
     client_burst: int = 200
     workers: int = 16
     """Claims and volumes reconciled in parallel; the filesystem pool is sized from it."""

@@ -95,6 +95,7 @@ class Volume:
     resource_version: str = ""
     uid: str = ""
     nfs_path: str | None = None  # spec.nfs.path: set on any NFS PV, ours or not
+    nfs_server: str | None = None  # spec.nfs.server: likewise
 
 
 def storage_class_from(body: Body) -> StorageClass:
@@ -159,6 +160,7 @@ def volume_from(body: Body) -> Volume:
         resource_version=str(meta.get("resourceVersion", "")),
         uid=str(meta.get("uid", "")),
         nfs_path=str(nfs["path"]) if (nfs := _mapping(spec.get("nfs"))).get("path") else None,
+        nfs_server=str(nfs["server"]) if nfs.get("server") else None,
     )
 
 
@@ -376,3 +378,67 @@ def recorded_on_delete(volume: Volume) -> OnDelete:
             f'PersistentVolume {volume.name} records on-delete policy "{volume.on_delete}" in '
             f"{ANN_ON_DELETE}; expected delete, retain or archive"
         ) from None
+
+
+# --- one owner per directory (SPEC §4) ---------------------------------------------------------
+
+
+def resource_version(body: Body) -> str:
+    """``metadata.resourceVersion`` of an object or of a list; "" when absent."""
+    return str(_mapping(body.get("metadata")).get("resourceVersion") or "")
+
+
+def _relative_on(path: str, export_path: str) -> str | None:
+    """``path`` relative to ``export_path`` if it lies strictly under it, else None.
+
+    Only trailing "/" are stripped; nothing else is normalised, so a path whose relative part is
+    not a safe, normalised directory (``..``, ``.``, empty components) gives None as well.
+    """
+    root = export_path.rstrip("/") + "/"
+    path = path.rstrip("/")
+    if not path.startswith(root):
+        return None
+    try:
+        return str(parse_relative(path[len(root) :]))
+    except UnsafePathError:
+        return None
+
+
+def volume_directories(volume: Volume, export: Export) -> frozenset[str]:
+    """The directories of our export that this PV owns, relative to the export.
+
+    The one our annotations record and the one its ``spec.nfs`` points at: the same for the PVs
+    we write, while a PV made by hand or by nfs-subdir has only ``spec.nfs``. A PV on another
+    server owns nothing here (server names compared case-insensitively): two NFS servers may
+    well export the same path with the same pattern.
+    """
+    if volume.nfs_server is not None and volume.nfs_server.lower() != export.server.lower():
+        return frozenset()
+    found: set[str | None] = set()
+    root = export.path.rstrip("/")
+    recorded = volume.export_path
+    if volume.directory is not None and recorded is not None and recorded.rstrip("/") == root:
+        found.add(_relative_on(f"{root}/{volume.directory}", export.path))
+    if volume.nfs_path is not None and volume.nfs_server is not None:
+        found.add(_relative_on(volume.nfs_path, export.path))
+    return frozenset(directory for directory in found if directory is not None)
+
+
+def dirs_overlap(first: str, second: str) -> bool:
+    """Whether one directory is the other or lies inside it, component by component:
+    ``ns/app`` overlaps ``ns/app/data`` and ``ns``, not ``ns/application``."""
+    a, b = first.split("/"), second.split("/")
+    depth = min(len(a), len(b))
+    return a[:depth] == b[:depth]
+
+
+def claim_gone(cached: Claim, current: Claim | None) -> str | None:
+    """Why a claim taken from the cache must not be provisioned after all, judged by a fresh read
+    (``current``, None when the API says it does not exist); None when it may."""
+    if current is None:
+        return "it no longer exists"
+    if current.uid != cached.uid:
+        return f"it no longer exists (the claim of that name now has uid {current.uid})"
+    if current.deleting:
+        return "it is being deleted"
+    return None

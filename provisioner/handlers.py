@@ -2,7 +2,8 @@
 
 ``app`` registers these on a private ``kopf.OperatorRegistry``. Only ``@kopf.on.event`` is used:
 it stores nothing on the watched objects (no annotations, no finalizers), so users' PVCs carry
-nothing of ours but Events. All decisions happen in the reconciler, level-triggered.
+nothing of ours but Events. All decisions happen in the reconciler, level-triggered. DELETED
+events leave tombstones in the cache, so a list taken before them cannot bring the object back.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler) -> None:
     async def claim_event(type: str | None, body: kopf.Body, **_: Any) -> None:
         claim = core.claim_from(body)
         if type == "DELETED":
-            cache.drop_claim(claim.uid)
+            cache.claim_deleted(claim)
             reconciler.forget_claim(claim.uid)
             return
         cache.put_claim(claim)
@@ -47,8 +48,8 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler) -> None:
     async def volume_event(type: str | None, body: kopf.Body, **_: Any) -> None:
         volume = core.volume_from(body)
         if type == "DELETED":
-            cache.drop_volume(volume.name)
-            reconciler.forget_volume(volume.name)
+            if cache.volume_deleted(volume):
+                reconciler.forget_volume(volume.name)
             return
         cache.put_volume(volume)
         reconciler.enqueue_volume(volume.name)
@@ -57,7 +58,7 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler) -> None:
     async def class_event(type: str | None, body: kopf.Body, **_: Any) -> None:
         storage_class = core.storage_class_from(body)
         if type == "DELETED":
-            cache.drop_class(storage_class.name)
+            cache.class_deleted(storage_class.name, core.resource_version(body))
             return
-        cache.put_class(storage_class)
+        cache.put_class(storage_class, core.resource_version(body))
         reconciler.enqueue_class(storage_class.name)  # claims waiting for it go ahead

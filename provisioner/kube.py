@@ -227,6 +227,35 @@ class KubeApi:
     async def list_volumes(self) -> list[JSON]:
         return await self.list_all("/api/v1/persistentvolumes")
 
+    async def list_all_versioned(self, path: str, page: int = 500) -> tuple[list[JSON], str]:
+        """Every item of a list, as ``list_all``, and the list's ``metadata.resourceVersion``.
+
+        All pages of one list are a single snapshot (the continue token carries it), taken at
+        the first page's resourceVersion. An expired continue token is an ApiError (410): the
+        caller lists again from the start.
+        """
+        items: list[JSON] = []
+        query = {"limit": str(page)}
+        version = ""
+        while True:
+            result = await self.request("GET", path, query=query)
+            metadata = result.get("metadata") or {}
+            version = version or str(metadata.get("resourceVersion") or "")
+            items.extend(result.get("items") or [])
+            token = metadata.get("continue")
+            if not token:
+                return items, version
+            query = {"limit": str(page), "continue": str(token)}
+
+    async def list_claims_versioned(self) -> tuple[list[JSON], str]:
+        return await self.list_all_versioned("/api/v1/persistentvolumeclaims")
+
+    async def list_volumes_versioned(self) -> tuple[list[JSON], str]:
+        return await self.list_all_versioned("/api/v1/persistentvolumes")
+
+    async def list_classes_versioned(self) -> tuple[list[JSON], str]:
+        return await self.list_all_versioned("/apis/storage.k8s.io/v1/storageclasses")
+
     # --- Events --------------------------------------------------------------------------------
 
     async def post_event(

@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable
 
-from provisioner.core import Volume
+from provisioner.core import Export, Volume, volume_directories
 from provisioner.journal import Intent
 
 
@@ -26,22 +26,12 @@ class Action(enum.Enum):
     REMOVE = "remove"  # the claim is gone and nothing records the directory: rmdir it
 
 
-def _inside(path: str, export_path: str) -> str | None:
-    """``path`` relative to ``export_path`` if it lies strictly inside it, else None."""
-    root = export_path.rstrip("/") + "/"
-    return path[len(root) :].strip("/") or None if path.startswith(root) else None
-
-
-def used_dirs(volumes: Iterable[Volume], export_path: str) -> set[str]:
-    """Every directory any PV points at on this export, by our annotation or spec.nfs.path,
-    so a PV written by another provisioner or by hand protects its directory too."""
+def used_dirs(volumes: Iterable[Volume], export: Export) -> set[str]:
+    """Every directory of this export any PV points at, by our annotations or by spec.nfs, so a
+    PV written by another provisioner or by hand protects its directory too."""
     used: set[str] = set()
     for volume in volumes:
-        if volume.directory and volume.export_path in (None, export_path):
-            used.add(volume.directory.strip("/"))
-        relative = _inside(volume.nfs_path, export_path) if volume.nfs_path else None
-        if relative:
-            used.add(relative)
+        used |= volume_directories(volume, export)
     return used
 
 

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 
 from provisioner import core, ownership, paths
-from provisioner.cache import Cache
+from provisioner.cache import Cache, Merged
 from provisioner.config import (
     ClassParameters,
     OnDelete,
@@ -90,7 +90,8 @@ class Reconciler:
             backoff=Backoff(base=settings.backoff_base, cap=settings.backoff_max),
             on_retry=self._on_retry,
         )
-        # Directories being provisioned right now, so two claims never race into one directory.
+        # Directories being provisioned right now, so two claims never race into one directory
+        # (nor into one inside the other); directory -> claim uid.
         self._reserved: dict[str, str] = {}
         # The last refusal posted per claim, so a resync does not repeat the same Warning.
         self._refused: dict[str, str] = {}
@@ -181,9 +182,7 @@ class Reconciler:
         except (ParameterError, paths.UnsafePathError) as error:
             await self._refuse(claim, storage_class, f'claim "{claim.key}": {error}')
             return
-        holders = self.cache.volumes_overlapping(self.export.path, str(directory)) - {
-            claim.volume_name_for
-        }
+        holders = self.cache.volumes_overlapping(str(directory)) - {claim.volume_name_for}
         if holders:
             await self._refuse(
                 claim,
@@ -194,12 +193,34 @@ class Reconciler:
                 "(labels/annotations) or delete the other claim",
             )
             return
-        reserved_by = self._reserved.setdefault(str(directory), claim.uid)
-        if reserved_by != claim.uid:
+        # Nested directories conflict like equal ones: the overlap rule above cannot see a
+        # claim whose PV is not saved yet, so the reservation has to.
+        busy = sorted(
+            reserved
+            for reserved, holder in self._reserved.items()
+            if holder != claim.uid and core.dirs_overlap(reserved, str(directory))
+        )
+        if busy:
             raise RetryLater(
-                f'claim {claim.key}: directory "{directory}" is being provisioned for another claim'
+                f'claim {claim.key}: directory "{directory}" overlaps "{busy[0]}", which is '
+                "being provisioned for another claim"
             )
+        self._reserved[str(directory)] = claim.uid
         try:
+            # A watch gap can leave a deleted claim in the cache: confirm before creating.
+            try:
+                current = await self.kube.get_claim(claim.namespace, claim.name)
+            except ApiError as error:
+                raise RetryLater(f"claim {claim.key}: cannot confirm it exists: {error}") from error
+            fresh = core.claim_from(current) if current is not None else None
+            gone = core.claim_gone(claim, fresh)
+            if gone is not None:
+                logger.info(
+                    "claim %s: not provisioned: %s; dropped from the cache", claim.key, gone
+                )
+                self.cache.drop_claim(claim.uid)
+                self.forget_claim(claim.uid)
+                return
             await self._provision(claim, storage_class, directory, parameters)
         finally:
             self._reserved.pop(str(directory), None)
@@ -453,10 +474,85 @@ class Reconciler:
         raise RetryLater(f"volume {volume.name}: kept changing while removing our finalizer")
 
 
+async def relist(reconciler: Reconciler) -> tuple[Merged, Merged, Merged]:
+    """Complete lists of claims, PVs and StorageClasses, merged into the cache.
+
+    ``cache.plan_merge`` keeps the newer version of each object, and drops what the lists prove
+    gone: objects deleted during a watch gap, which kopf's re-list after 410 Gone never reports.
+    Those are forgotten by the reconciler too. Returns the merges of claims, PVs and classes.
+    """
+    kube, cache = reconciler.kube, reconciler.cache
+    claims, claims_version = await kube.list_claims_versioned()
+    volumes, volumes_version = await kube.list_volumes_versioned()
+    classes, classes_version = await kube.list_classes_versioned()
+    merged_claims = cache.merge_claims((core.claim_from(body) for body in claims), claims_version)
+    merged_volumes = cache.merge_volumes(
+        (core.volume_from(body) for body in volumes), volumes_version
+    )
+    merged_classes = cache.merge_classes(
+        ((core.storage_class_from(body), core.resource_version(body)) for body in classes),
+        classes_version,
+    )
+    for uid in merged_claims.dropped:
+        logger.debug("claim %s: absent from the list; dropped from the cache", uid)
+        reconciler.forget_claim(uid)
+    for name in merged_volumes.dropped:
+        logger.debug("volume %s: absent from the list; dropped from the cache", name)
+        reconciler.forget_volume(name)
+    return merged_claims, merged_volumes, merged_classes
+
+
+def _counts(merges: tuple[Merged, Merged, Merged]) -> str:
+    claims, volumes, classes = merges
+    return (
+        f"listed {claims.listed} claims, {volumes.listed} PersistentVolumes and "
+        f"{classes.listed} StorageClasses; dropped {len(claims.dropped)} claims, "
+        f"{len(volumes.dropped)} PersistentVolumes and {len(classes.dropped)} StorageClasses "
+        "deleted while unwatched"
+    )
+
+
+async def gate(reconciler: Reconciler) -> None:
+    """Hold the leader's first reconcile until complete lists are in the cache (SPEC §4).
+
+    Our equivalent of kopf's index gate (kopf holds handlers until every ``@kopf.index`` has
+    its first list; our reconciles are not kopf handlers). kopf lists claims, PVs and classes in
+    independent watches, so without it a claim could be reconciled before the PV that owns its
+    directory is known. Retried with backoff until the lists succeed: nothing is reconciled
+    until then.
+    """
+    delay = reconciler.settings.backoff_base
+    while True:
+        try:
+            merges = await relist(reconciler)
+        except Exception as error:  # a bug must not end leadership silently: logged, retried
+            logger.warning(
+                "start-up gate: cannot list claims, PersistentVolumes and StorageClasses: %s; "
+                "nothing is reconciled until they are listed; retrying in %.1f s",
+                error,
+                delay,
+                exc_info=not isinstance(error, ApiError),
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, reconciler.settings.backoff_max)
+            continue
+        logger.info("start-up gate: %s; reconciling", _counts(merges))
+        return
+
+
 async def resync_forever(reconciler: Reconciler, period: float) -> None:
-    """The operator-level periodic resync: every object goes through the same reconcile again."""
+    """The operator-level periodic resync: fresh lists prune what a watch gap left behind, then
+    every object goes through the same reconcile again."""
     while True:
         await asyncio.sleep(period)
+        try:
+            logger.info("resync: %s", _counts(await relist(reconciler)))
+        except Exception as error:  # the resync goes on without the lists
+            logger.warning(
+                "resync: cannot list (%s); re-queueing what the cache holds",
+                error,
+                exc_info=not isinstance(error, ApiError),
+            )
         claims, volumes = reconciler.cache.counts()
         logger.info("resync: re-queueing %d claims and %d volumes", claims, volumes)
         reconciler.resync()

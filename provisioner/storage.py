@@ -230,8 +230,8 @@ class Storage:
     ) -> None:
         """Create ``rel`` and its missing parents for a claim, crash-safely:
 
-        the intent, then the owner record of every level about to be made, are synced to the
-        export before the first mkdir; the leaf is chmod'ed (umask-independent) and chown'ed
+        the intent, then the owner record of the directory, are synced to the export before
+        the first mkdir; the leaf is chmod'ed (umask-independent) and chown'ed
         through its descriptor. If the leaf exists by the time it is made, nothing is changed
         and the attempt fails (the next one re-inspects and decides again).
         """
@@ -356,8 +356,10 @@ def _create(tree: Tree, rel: RelativeDir, mode: DirOwner, owner: Owner, intent: 
     if existing == len(rel.parts):
         raise _appeared(rel)
     journal.write_intent(tree, intent)
-    for depth in range(existing + 1, len(rel.parts) + 1):
-        journal.write_owner(tree, rel.parts[:depth], owner)
+    # Only the leaf is recorded: parents stay shareable between namespaces (a team's directory),
+    # and ownership.decide refuses both a directory inside another namespace's leaf and the
+    # reuse of one that holds another namespace's leaf.
+    journal.write_owner(tree, rel.parts, owner)
     fd, created = tree.make_dirs(rel.parts)
     try:
         if len(rel.parts) not in created:

@@ -23,19 +23,19 @@ logger = logging.getLogger(__name__)
 
 
 async def sweep(
-    storage: Storage, kube: KubeApi, export_path: str, cluster: str, provisioner: str
+    storage: Storage, kube: KubeApi, export: core.Export, cluster: str, provisioner: str
 ) -> list[str]:
     """Settle every intent of ours; returns the directories removed. Never raises: the sweep
     is housekeeping, and a bug in it must not keep the leader from provisioning."""
     try:
-        return await _sweep(storage, kube, export_path, cluster, provisioner)
+        return await _sweep(storage, kube, export, cluster, provisioner)
     except Exception:
         logger.exception("orphan sweep failed; provisioning goes on without it")
         return []
 
 
 async def _sweep(
-    storage: Storage, kube: KubeApi, export_path: str, cluster: str, provisioner: str
+    storage: Storage, kube: KubeApi, export: core.Export, cluster: str, provisioner: str
 ) -> list[str]:
     try:
         # Intents first, then claims and PVs: an intent seen here whose claim is alive was
@@ -52,7 +52,7 @@ async def _sweep(
         return []
     claim_uids = {claim.uid for claim in claims}
     volume_names = {volume.name for volume in volumes}
-    used = orphans.used_dirs(volumes, export_path)
+    used = orphans.used_dirs(volumes, export)
     removed = []
     for intent in intents:
         action = orphans.judge(intent, cluster, provisioner, claim_uids, volume_names, used)
