@@ -36,6 +36,8 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler) -> None:
 
     @kopf.on.event("persistentvolumeclaims", registry=registry)
     async def claim_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+        if type is None:
+            reconciler.relist_soon()  # kopf is (re-)listing: prune what vanished meanwhile
         claim = core.claim_from(body)
         if type == "DELETED":
             cache.claim_deleted(claim)
@@ -46,6 +48,8 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler) -> None:
 
     @kopf.on.event("persistentvolumes", registry=registry)
     async def volume_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+        if type is None:
+            reconciler.relist_soon()
         volume = core.volume_from(body)
         if type == "DELETED":
             if cache.volume_deleted(volume):

@@ -93,6 +93,10 @@ class Reconciler:
         # Directories being provisioned right now, so two claims never race into one directory
         # (nor into one inside the other); directory -> claim uid.
         self._reserved: dict[str, str] = {}
+        # Set when kopf (re-)lists a resource (events of type None: at start and after every
+        # 410 Gone); resync_forever then re-lists and prunes, since kopf reports no DELETED
+        # for what vanished during the gap.
+        self.relist_wanted = asyncio.Event()
         # The last refusal posted per claim, so a resync does not repeat the same Warning.
         self._refused: dict[str, str] = {}
         # Volumes released by this process whose DELETED event has not arrived yet: watch
@@ -117,6 +121,9 @@ class Reconciler:
         for volume in self.cache.volumes():
             self.enqueue_volume(volume.name)
 
+    def relist_soon(self) -> None:
+        self.relist_wanted.set()
+
     def forget_claim(self, uid: str) -> None:
         self._refused.pop(uid, None)
         self.queue.forget(f"{CLAIM}:{uid}")
@@ -124,6 +131,10 @@ class Reconciler:
     def forget_volume(self, name: str) -> None:
         self._released.discard(name)
         self.queue.forget(f"{VOLUME}:{name}")
+        # A refused claim may have been waiting for this volume's directory: try it again now
+        # rather than at the next resync.
+        for uid in list(self._refused):
+            self.enqueue_claim(uid)
 
     async def reconcile(self, key: str) -> None:
         kind, _, ident = key.partition(":")
@@ -523,6 +534,7 @@ async def gate(reconciler: Reconciler) -> None:
     """
     delay = reconciler.settings.backoff_base
     while True:
+        reconciler.relist_wanted.clear()  # this list covers kopf's lists so far
         try:
             merges = await relist(reconciler)
         except Exception as error:  # a bug must not end leadership silently: logged, retried
@@ -540,19 +552,45 @@ async def gate(reconciler: Reconciler) -> None:
         return
 
 
+RELIST_SETTLE = 5.0
+"""Seconds between kopf's first re-listed object and our own list: let its list finish."""
+
+
 async def resync_forever(reconciler: Reconciler, period: float) -> None:
     """The operator-level periodic resync: fresh lists prune what a watch gap left behind, then
-    every object goes through the same reconcile again."""
+    every object goes through the same reconcile again. Between resyncs, a re-list by kopf (after
+    410 Gone) triggers a list-and-prune of our own a few seconds later."""
+    loop = asyncio.get_running_loop()
+    due = loop.time() + period
     while True:
-        await asyncio.sleep(period)
         try:
-            logger.info("resync: %s", _counts(await relist(reconciler)))
-        except Exception as error:  # the resync goes on without the lists
+            await asyncio.wait_for(reconciler.relist_wanted.wait(), max(0.0, due - loop.time()))
+        except TimeoutError:
+            await _resync(reconciler)
+            due = loop.time() + period
+            continue
+        await asyncio.sleep(RELIST_SETTLE)
+        reconciler.relist_wanted.clear()
+        try:
+            logger.info("watch re-listed: %s", _counts(await relist(reconciler)))
+        except Exception as error:  # the next resync lists again
             logger.warning(
-                "resync: cannot list (%s); re-queueing what the cache holds",
+                "watch re-listed, but cannot list (%s); pruning at the next resync",
                 error,
                 exc_info=not isinstance(error, ApiError),
             )
-        claims, volumes = reconciler.cache.counts()
-        logger.info("resync: re-queueing %d claims and %d volumes", claims, volumes)
-        reconciler.resync()
+
+
+async def _resync(reconciler: Reconciler) -> None:
+    reconciler.relist_wanted.clear()
+    try:
+        logger.info("resync: %s", _counts(await relist(reconciler)))
+    except Exception as error:  # the resync goes on without the lists
+        logger.warning(
+            "resync: cannot list (%s); re-queueing what the cache holds",
+            error,
+            exc_info=not isinstance(error, ApiError),
+        )
+    claims, volumes = reconciler.cache.counts()
+    logger.info("resync: re-queueing %d claims and %d volumes", claims, volumes)
+    reconciler.resync()
