@@ -119,6 +119,21 @@ def write_owner(tree: Tree, parts: Sequence[str], owner: Owner) -> None:
     tree.write_file(mirror_of(parts), RECORD, _encode(owner))
 
 
+def create_owner(tree: Tree, parts: Sequence[str], owner: Owner) -> bool:
+    """Write the record only where there is none; False (nothing changed) if one exists."""
+    os.close(tree.make_dirs(mirror_of(parts))[0])
+    try:
+        tree.write_file(mirror_of(parts), RECORD, _encode(owner), replace=False)
+    except FileExistsError:
+        return False
+    return True
+
+
+def remove_owner(tree: Tree, parts: Sequence[str]) -> bool:
+    """Remove the record of ``parts`` itself (not those below it)."""
+    return tree.remove_file(mirror_of(parts), RECORD)
+
+
 def remove_owners(tree: Tree, parts: Sequence[str]) -> None:
     """Forget the records of ``parts`` and of everything below it (the directory is gone)."""
     with contextlib.suppress(FileNotFoundError):
@@ -127,16 +142,20 @@ def remove_owners(tree: Tree, parts: Sequence[str]) -> None:
 
 def move_owners(tree: Tree, parts: Sequence[str], new_leaf: str) -> None:
     """Follow a rename of ``parts`` to ``new_leaf`` in the same parent. A record already at the
-    new name is stale (no directory was there) and is replaced."""
+    new name is stale (no directory was there): it is replaced, or removed when ``parts`` had
+    none."""
     parent = mirror_of(parts[:-1])
     target = (*parts[:-1], new_leaf)
     try:
-        tree.rename_dir(parent, mirror_name(parts[-1]), mirror_name(new_leaf))
+        moved = tree.rename_dir(parent, mirror_name(parts[-1]), mirror_name(new_leaf))
     except FileExistsError:
         tree.remove_tree(mirror_of(target))
-        tree.rename_dir(parent, mirror_name(parts[-1]), mirror_name(new_leaf))
+        moved = tree.rename_dir(parent, mirror_name(parts[-1]), mirror_name(new_leaf))
     except FileNotFoundError:
-        pass  # no record, not even for the parent: nothing to move
+        moved = False  # no record, not even for the parent
+    if not moved:
+        # Nothing followed the directory: a record at the new name is stale, not its owner.
+        remove_owners(tree, target)
 
 
 def owners_above(tree: Tree, parts: Sequence[str]) -> list[tuple[str, Owner]]:
@@ -160,6 +179,8 @@ def owners_below(tree: Tree, parts: Sequence[str], limit: int = 10000) -> list[t
         except FileNotFoundError:
             continue
         for child in children:
+            if len(found) >= limit:
+                break
             component = component_of(child)
             child_shown = f"{shown}/{component if component is not None else '<long name>'}"
             raw = tree.read_file((*mirror, child), RECORD)

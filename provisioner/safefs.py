@@ -344,7 +344,12 @@ class Tree:
                 if info.st_dev != self.dev:
                     raise Redirected(child, MOUNT_POINT)
                 sub = self.open_child(fd, name, child)
-                stack.append((sub, child, self.calls.listdir(sub, child)))
+                try:
+                    listing = self.calls.listdir(sub, child)
+                except BaseException:
+                    os.close(sub)
+                    raise
+                stack.append((sub, child, listing))
         finally:
             for fd, _, _ in stack[1:]:
                 os.close(fd)
@@ -402,9 +407,12 @@ class Tree:
 
     # --- small files (the provisioner's own records) -------------------------------------------
 
-    def write_file(self, parts: Sequence[str], name: str, data: bytes) -> None:
+    def write_file(
+        self, parts: Sequence[str], name: str, data: bytes, replace: bool = True
+    ) -> None:
         """Atomically create or replace the file ``name`` in ``parts``, synced to the server
-        (file, then directory) before returning."""
+        (file, then directory) before returning. Without ``replace``, FileExistsError if the
+        file exists (it is left as it was)."""
         where = _join("/".join(parts), name)
         temporary = f"tmp-{secrets.token_hex(8)}"
         with self.opened(parts) as parent:
@@ -419,7 +427,7 @@ class Tree:
                 raise
             os.close(fd)
             try:
-                self.calls.rename(parent, temporary, parent, name, where, replace=True)
+                self.calls.rename(parent, temporary, parent, name, where, replace=replace)
             except BaseException:
                 with contextlib.suppress(OSError):
                     self.calls.unlink(parent, temporary, where)
@@ -489,6 +497,11 @@ class Tree:
         fd = self.calls.open(self.fd, name, _CREATE_FLAGS, name)
         try:
             self.calls.write(fd, b"probe\n", name)
+        except BaseException:
+            # A full export must not collect probe files every few seconds.
+            with contextlib.suppress(OSError):
+                self.calls.unlink(self.fd, name, name)
+            raise
         finally:
             os.close(fd)
         self.calls.unlink(self.fd, name, name)

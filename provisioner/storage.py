@@ -287,11 +287,17 @@ class Storage:
     async def _run(self, op: str, rel: RelativeDir | None, job: Callable[[Tree], _T]) -> _T:
         """Run ``job`` on a Tree opened on the export root, in the pool, with the timeout."""
 
+        gate = _Cancellable(self._calls)
+
         def on_tree() -> _T:
-            with Tree(self.mount, self._calls) as tree:
+            with Tree(self.mount, gate) as tree:
                 return job(tree)
 
-        return await self._run_job(op, rel, on_tree)
+        try:
+            return await self._run_job(op, rel, on_tree)
+        except StorageTimeout:
+            gate.cancel()  # the stuck call may finish; nothing after it starts
+            raise
 
     async def _run_job(self, op: str, rel: RelativeDir | None, job: Callable[[], _T]) -> _T:
         path = self.mount if rel is None else self.mount.joinpath(*rel.parts)
@@ -317,6 +323,69 @@ class Storage:
         finally:
             if self._observe is not None:
                 self._observe(op, time.monotonic() - started, outcome)
+
+
+class _Cancellable:
+    """``Syscalls`` that refuse to start once ``cancel`` was called: a job whose caller timed
+    out (its thread stuck in one call) must not go on acting after the attempt was reported
+    failed."""
+
+    def __init__(self, inner: Syscalls) -> None:
+        self._inner = inner
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def _check(self, where: str) -> None:
+        if self._cancelled.is_set():
+            raise OSError(errno.ECANCELED, "abandoned after the timeout", where)
+
+    def open(self, parent: int, name: str, flags: int, where: str) -> int:
+        self._check(where)
+        return self._inner.open(parent, name, flags, where)
+
+    def stat(self, parent: int, name: str, where: str) -> os.stat_result:
+        self._check(where)
+        return self._inner.stat(parent, name, where)
+
+    def mkdir(self, parent: int, name: str, where: str) -> None:
+        self._check(where)
+        self._inner.mkdir(parent, name, where)
+
+    def chmod(self, fd: int, mode: int, where: str) -> None:
+        self._check(where)
+        self._inner.chmod(fd, mode, where)
+
+    def chown(self, fd: int, uid: int, gid: int, where: str) -> None:
+        self._check(where)
+        self._inner.chown(fd, uid, gid, where)
+
+    def rename(
+        self, parent: int, src: str, dst_parent: int, dst: str, where: str, replace: bool
+    ) -> None:
+        self._check(where)
+        self._inner.rename(parent, src, dst_parent, dst, where, replace)
+
+    def unlink(self, parent: int, name: str, where: str) -> None:
+        self._check(where)
+        self._inner.unlink(parent, name, where)
+
+    def rmdir(self, parent: int, name: str, where: str) -> None:
+        self._check(where)
+        self._inner.rmdir(parent, name, where)
+
+    def listdir(self, fd: int, where: str) -> list[str]:
+        self._check(where)
+        return self._inner.listdir(fd, where)
+
+    def write(self, fd: int, data: bytes, where: str) -> None:
+        self._check(where)
+        self._inner.write(fd, data, where)
+
+    def fsync(self, fd: int, where: str) -> None:
+        self._check(where)
+        self._inner.fsync(fd, where)
 
 
 def _checked(rel: RelativeDir | str) -> RelativeDir:
@@ -359,10 +428,17 @@ def _create(tree: Tree, rel: RelativeDir, mode: DirOwner, owner: Owner, intent: 
     # Only the leaf is recorded: parents stay shareable between namespaces (a team's directory),
     # and ownership.decide refuses both a directory inside another namespace's leaf and the
     # reuse of one that holds another namespace's leaf.
-    journal.write_owner(tree, rel.parts, owner)
+    if journal.read_owner(tree, rel.parts) is not None:
+        # A record without its directory is stale: a crash (or a failed mkdir) before it.
+        journal.remove_owner(tree, rel.parts)
+    if not journal.create_owner(tree, rel.parts, owner):
+        # Someone else (another cluster sharing the export) is creating it right now: their
+        # record stays, and the next attempt decides again.
+        raise _appeared(rel)
     fd, created = tree.make_dirs(rel.parts)
     try:
         if len(rel.parts) not in created:
+            journal.remove_owner(tree, rel.parts)
             raise _appeared(rel)
         _apply_mode(tree, fd, rel, mode)
     finally:
@@ -387,7 +463,8 @@ def _reuse(tree: Tree, rel: RelativeDir, mode: DirOwner, adopt: Owner | None) ->
 
 def _discard(tree: Tree, rel: RelativeDir, volume: str) -> bool:
     try:
-        removed = tree.remove_empty(rel.parts)
+        # A leaf never made (a crash between the records and the mkdir) counts as removed.
+        removed = tree.entry(rel.parts) is None or tree.remove_empty(rel.parts)
     except FileNotFoundError:
         removed = True
     if removed:
