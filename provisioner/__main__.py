@@ -1,6 +1,7 @@
 """The ``nfs-provisioner`` command: parse settings, run the preflight check, start the operator.
 
-A bad setting exits 1 with one line naming it; ``check`` runs only the preflight (exit 0/1).
+A bad setting exits 1 with one line naming it; ``check`` runs only the preflight (exit 0/1);
+``check --migration`` lists what adoption of the previous provisioner's volumes would do.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from provisioner.config import (
     load_settings,
     parse_handover,
     read_service_account_namespace,
+    wants_migration,
 )
 
 if TYPE_CHECKING:
@@ -32,6 +34,7 @@ def main(argv: Sequence[str] | None = None, calls: Syscalls | None = None) -> in
     try:
         command, settings = load_settings(args, os.environ, read_service_account_namespace)
         request = parse_handover(args) if command == "handover" else None
+        migration = wants_migration(args)
     except ConfigError as error:
         print(f"nfs-provisioner: {error}", file=sys.stderr)
         return 1
@@ -45,6 +48,12 @@ def main(argv: Sequence[str] | None = None, calls: Syscalls | None = None) -> in
     if request is not None:
         code, line = asyncio.run(handover.run(settings, request, calls or LocalSyscalls()))
         print(line, file=sys.stdout if code == 0 else sys.stderr)
+        return code
+    if migration:
+        from provisioner import migration as listing
+
+        code, text = asyncio.run(listing.run(settings, calls or LocalSyscalls()))
+        print(text, file=sys.stdout if code == 0 else sys.stderr)
         return code
 
     configure_logging(settings.log_level, settings.log_format)

@@ -137,6 +137,15 @@ def build_arg_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument(
+        "--migration",
+        action="store_true",
+        help=(
+            "check: instead of the preflight, list the PersistentVolumes of the previous "
+            "provisioner (nfs-subdir, nfs-client) that would be adopted and those that cannot "
+            "be, with why; changes nothing"
+        ),
+    )
+    parser.add_argument(
         "--directory",
         dest="handover_directory",
         metavar="DIR",
@@ -359,13 +368,26 @@ def parse_handover(argv: Sequence[str]) -> Handover:
     try:
         relative = parse_relative(directory)
     except UnsafePathError as error:
-        raise ConfigError(f"--directory: {error}") from None
+        raise ConfigError(
+            f'--directory="{directory}" is invalid: {error.rule}; give the directory relative '
+            "to the export, as the refused claim's Event names it (e.g. team-a/data)"
+        ) from None
     if not _DNS_SUBDOMAIN.match(namespace) or len(namespace) > 63 or "." in namespace:
         raise ConfigError(
             f'--namespace="{namespace}" is invalid; expected a namespace name (lower case '
             "letters, digits and '-', at most 63 characters)"
         )
     return Handover(relative, namespace)
+
+
+def wants_migration(argv: Sequence[str]) -> bool:
+    """``check --migration``; the flag belongs to ``check`` only."""
+    args = build_arg_parser().parse_args(list(argv))
+    if args.migration and args.command != "check":
+        raise ConfigError(
+            "--migration is a flag of the check command: nfs-provisioner check --migration"
+        )
+    return bool(args.migration)
 
 
 def read_service_account_namespace() -> str | None:

@@ -24,6 +24,11 @@ FINALIZER = "external-provisioner.volume.kubernetes.io/finalizer"
 ANN_DIRECTORY = f"{ANNOTATION_PREFIX}/directory"
 ANN_EXPORT_PATH = f"{ANNOTATION_PREFIX}/export-path"
 ANN_ON_DELETE = f"{ANNOTATION_PREFIX}/on-delete"
+# Adoption of the previous provisioner's PVs (adoption.py): when and from what it was adopted,
+# why the on-delete policy was chosen at release, or why it could not be adopted.
+ANN_ADOPTED = f"{ANNOTATION_PREFIX}/adopted"
+ANN_ON_DELETE_BASIS = f"{ANNOTATION_PREFIX}/on-delete-basis"
+ANN_NOT_ADOPTED = f"{ANNOTATION_PREFIX}/not-adopted"
 
 Body = Mapping[str, Any]
 
@@ -96,6 +101,9 @@ class Volume:
     uid: str = ""
     nfs_path: str | None = None  # spec.nfs.path: set on any NFS PV, ours or not
     nfs_server: str | None = None  # spec.nfs.server: likewise
+    adopted: str | None = None  # ANN_ADOPTED: made by the previous provisioner, adopted by us
+    on_delete_basis: str | None = None  # ANN_ON_DELETE_BASIS: why an adopted PV got its policy
+    not_adopted: str | None = None  # ANN_NOT_ADOPTED: why it could not be adopted
 
 
 def storage_class_from(body: Body) -> StorageClass:
@@ -161,6 +169,9 @@ def volume_from(body: Body) -> Volume:
         uid=str(meta.get("uid", "")),
         nfs_path=str(nfs["path"]) if (nfs := _mapping(spec.get("nfs"))).get("path") else None,
         nfs_server=str(nfs["server"]) if nfs.get("server") else None,
+        adopted=annotations.get(ANN_ADOPTED),
+        on_delete_basis=annotations.get(ANN_ON_DELETE_BASIS),
+        not_adopted=annotations.get(ANN_NOT_ADOPTED),
     )
 
 
@@ -320,6 +331,7 @@ class ReleaseRefused(Exception):
 class ReleaseOutcome:
     reason: str  # the Event reason: VolumeDeleted, VolumeArchived or VolumeRetained
     message: str
+    event_type: str = "Normal"  # Warning when an admin should look (adoption.LegacyPolicy)
 
 
 def decide_volume(volume: Volume, provisioner_name: str) -> VolumeDecision:

@@ -202,6 +202,16 @@ class KubeApi:
             content_type="application/merge-patch+json",
         )
 
+    async def patch_volume(self, name: str, patch: JSON) -> JSON:
+        """JSON merge patch of a PV (annotations, finalizers); a ``metadata.resourceVersion``
+        in the patch makes it apply only to the version that was read (else 409)."""
+        return await self.request(
+            "PATCH",
+            f"/api/v1/persistentvolumes/{quote(name)}",
+            patch,
+            content_type="application/merge-patch+json",
+        )
+
     async def get_claim(self, namespace: str, name: str) -> JSON | None:
         path = f"/api/v1/namespaces/{quote(namespace)}/persistentvolumeclaims/{quote(name)}"
         try:

@@ -14,7 +14,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from provisioner import core, ownership, paths
+from provisioner import adoption, core, ownership, paths
 from provisioner.cache import Cache, Merged
 from provisioner.config import (
     ClassParameters,
@@ -333,8 +333,9 @@ class Reconciler:
             )
             raise RetryLater(str(error)) from error
         self.cache.put_volume(core.volume_from(saved))
-        if created:
-            await self._clear_intent(claim)
+        # Also after a reuse: an earlier attempt may have created the directory (and its intent)
+        # and crashed before the PV was saved.
+        await self._clear_intent(claim)
         self._refused.pop(claim.uid, None)
         self.metrics.provision_total.labels(storage_class.name).inc()
         self.metrics.provision_duration.labels(storage_class.name).observe(
@@ -391,12 +392,12 @@ class Reconciler:
         if current is not None and core.claim_from(current).uid == claim.uid:
             return
         try:
-            removed = await self.storage.discard_created_dir(directory, claim.volume_name_for)
+            outcome = await self.storage.discard_created_dir(directory, claim.volume_name_for)
             logger.info(
-                "claim %s: gone before its volume was saved; %s %s",
+                "claim %s: gone before its volume was saved; directory %s: %s",
                 claim.key,
-                "removed" if removed else "kept (it is not empty)",
                 directory,
+                {"kept": "kept (it is not empty)"}.get(outcome, outcome),
             )
         except (StorageError, Redirected) as error:
             logger.warning("claim %s: could not remove %s: %s", claim.key, directory, error)
@@ -407,6 +408,15 @@ class Reconciler:
         volume = self.cache.volume(name)
         if volume is None or name in self._released:
             return
+        standing = adoption.standing(volume, self.settings.provisioner_name)
+        if standing is adoption.Standing.NOT_ADOPTED:
+            logger.debug("volume %s: ignored: not adopted: %s", name, volume.not_adopted)
+            return
+        if standing is adoption.Standing.ADOPT:
+            adopted = await self._adopt(volume)
+            if adopted is None:
+                return
+            volume = adopted
         decision = core.decide_volume(volume, self.settings.provisioner_name)
         if decision.action is core.VolumeAction.IGNORE:
             logger.debug("volume %s: ignored: %s", name, decision.reason)
@@ -423,7 +433,7 @@ class Reconciler:
             self.metrics.delete_failed_total.labels(volume.storage_class).inc()
             await self._event(ref, "Warning", "VolumeFailedDelete", str(error))
             raise RetryLater(f"volume {name}: {error}") from error
-        await self._event(ref, "Normal", outcome.reason, outcome.message)
+        await self._event(ref, outcome.event_type, outcome.reason, outcome.message)
         if not volume.deleting:
             deleted = await self.kube.delete_volume(name)
             if deleted is not None:
@@ -438,11 +448,25 @@ class Reconciler:
 
     async def _apply_on_delete(self, volume: core.Volume) -> core.ReleaseOutcome:
         directory = core.recorded_directory(volume, self.export.path)
+        basis, event_type = "", "Normal"
+        if volume.adopted is not None:
+            # The previous provisioner's rules: the class decides at the first release attempt,
+            # recorded so that retries apply the same policy (adoption.legacy_policy).
+            if volume.on_delete is None:
+                volume = await self._record_legacy_policy(volume)
+            basis, event_type = adoption.release_note(volume.on_delete_basis)
         policy = core.recorded_on_delete(volume)
         if policy is OnDelete.RETAIN:
+            kept = basis or " (onDelete: retain)"
             return core.ReleaseOutcome(
-                "VolumeRetained", f'Directory "{directory}" kept (onDelete: retain)'
+                "VolumeRetained", f'Directory "{directory}" kept{kept}', event_type
             )
+        if volume.adopted is not None:
+            overlap = adoption.overlap_refusal(
+                volume, directory, self.cache.volumes_overlapping(str(directory))
+            )
+            if overlap is not None:
+                raise core.ReleaseRefused(overlap)
         if policy is OnDelete.DELETE:
             existed = await self.storage.remove_dir(directory)
             if not existed:
@@ -451,18 +475,106 @@ class Reconciler:
                 )
                 return core.ReleaseOutcome(
                     "VolumeDeleted",
-                    f'Directory "{directory}" was already missing; nothing to delete',
+                    f'Directory "{directory}" was already missing; nothing to delete{basis}',
+                    event_type,
                 )
-            return core.ReleaseOutcome("VolumeDeleted", f'Directory "{directory}" deleted')
+            return core.ReleaseOutcome(
+                "VolumeDeleted", f'Directory "{directory}" deleted{basis}', event_type
+            )
         archived = await self.storage.archive_dir(directory)
         if archived is None:
             logger.warning("volume %s: directory %s was already missing", volume.name, directory)
             return core.ReleaseOutcome(
-                "VolumeArchived", f'Directory "{directory}" was already missing; nothing to archive'
+                "VolumeArchived",
+                f'Directory "{directory}" was already missing; nothing to archive{basis}',
+                event_type,
             )
         return core.ReleaseOutcome(
-            "VolumeArchived", f'Directory "{directory}" archived as "{archived}"'
+            "VolumeArchived", f'Directory "{directory}" archived as "{archived}"{basis}', event_type
         )
+
+    # --- volumes: adoption of the previous provisioner's ----------------------------------------
+
+    async def _adopt(self, volume: core.Volume) -> core.Volume | None:
+        """Record a PV of the previous provisioner as ours (adoption.py), once; None when it
+        was refused (one Warning, then left alone) or is gone."""
+        located = adoption.locate(volume, self.export)
+        if isinstance(located, adoption.Refusal):
+            await self._refuse_adoption(volume, located)
+            return None
+        directory = located.directory
+        try:
+            inspection = await self.storage.inspect(directory)
+            if inspection.exists and inspection.leaf_owner is None and volume.claim_namespace:
+                # Before the PV is patched: a retry re-inspects and finds the record.
+                owner = Owner(
+                    cluster=self.cluster,
+                    namespace=volume.claim_namespace,
+                    provisioner=self.settings.provisioner_name,
+                    volume=volume.name,
+                    since=_now(),
+                )
+                await self.storage.record_owner(directory, owner)
+        except Redirected as error:
+            await self._refuse_adoption(
+                volume, adoption.Refusal(adoption.redirected_reason(error.where, error.what))
+            )
+            return None
+        except StorageError as error:
+            raise RetryLater(f"volume {volume.name}: cannot adopt it yet: {error}") from error
+        patch = adoption.adoption_patch(volume, located, self.export, _now())
+        saved = await self._patch_volume(volume, patch)
+        if saved is None:
+            return None
+        adopted = core.volume_from(saved)
+        self.cache.put_volume(adopted)
+        logger.info("volume %s: adopted with directory %s", volume.name, directory)
+        await self._event(
+            volume_ref(adopted),
+            "Normal",
+            "VolumeAdopted",
+            adoption.adopted_message(volume, located, inspection.exists),
+        )
+        return adopted
+
+    async def _refuse_adoption(self, volume: core.Volume, refusal: adoption.Refusal) -> None:
+        """Once: the annotation makes the refusal visible and stops every later attempt."""
+        saved = await self._patch_volume(volume, adoption.refusal_patch(volume, refusal))
+        if saved is None:
+            return
+        self.cache.put_volume(core.volume_from(saved))
+        logger.warning("volume %s: not adopted: %s", volume.name, refusal.reason)
+        await self._event(
+            volume_ref(volume),
+            "Warning",
+            "AdoptionRefused",
+            adoption.refusal_message(volume, refusal),
+        )
+
+    async def _record_legacy_policy(self, volume: core.Volume) -> core.Volume:
+        """Resolve an adopted PV's policy from its StorageClass as it is now, and record it."""
+        policy = adoption.legacy_policy(
+            volume.storage_class, self.cache.storage_class(volume.storage_class)
+        )
+        saved = await self._patch_volume(volume, adoption.policy_patch(volume, policy))
+        if saved is None:
+            raise RetryLater(f"volume {volume.name}: gone while recording its on-delete policy")
+        recorded = core.volume_from(saved)
+        self.cache.put_volume(recorded)
+        logger.info("volume %s: on-delete %s: %s", volume.name, policy.on_delete, policy.basis)
+        return recorded
+
+    async def _patch_volume(
+        self, volume: core.Volume, patch: dict[str, object]
+    ) -> dict[str, object] | None:
+        """Apply a merge patch carrying the resourceVersion read; None if the PV is gone. A
+        conflict is retried with backoff: the watch brings the newer version meanwhile."""
+        try:
+            return await self.kube.patch_volume(volume.name, patch)
+        except NotFound:
+            return None
+        except Conflict as error:
+            raise RetryLater(f"volume {volume.name}: changed while being patched") from error
 
     async def _drop_finalizer(self, volume: core.Volume) -> None:
         """Remove our finalizer with optimistic concurrency, re-reading after each conflict."""

@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, Literal, ParamSpec, TypeVar
 
 from provisioner import journal
 from provisioner.journal import Intent, Owner
@@ -184,6 +184,7 @@ class _DaemonThreadPool(concurrent.futures.Executor):
 
 
 _ARCHIVE_ATTEMPTS = 5
+Discarded = Literal["removed", "missing", "kept"]
 _PROBE_PREFIX = f"{JOURNAL_DIR}-probe-"
 
 
@@ -246,9 +247,11 @@ class Storage:
         """The claim's PersistentVolume is saved: its directory no longer needs the sweep."""
         await self._run("clear_intent", None, lambda tree: journal.clear_intent(tree, volume))
 
-    async def discard_created_dir(self, rel: RelativeDir, volume: str) -> bool:
+    async def discard_created_dir(self, rel: RelativeDir, volume: str) -> Discarded:
         """Undo ``create_dir`` for a claim that went away before its PV was saved: rmdir the
-        leaf (never recursive), drop its records and the intent. False if it held anything."""
+        leaf (never recursive), drop its records and the intent. "kept" if it held anything
+        (its records stay: it is a leftover of its namespace), "missing" if it was never made
+        or is gone already."""
         return await self._run("discard_created_dir", rel, lambda tree: _discard(tree, rel, volume))
 
     async def read_intents(self) -> tuple[list[Intent], list[str]]:
@@ -461,16 +464,19 @@ def _reuse(tree: Tree, rel: RelativeDir, mode: DirOwner, adopt: Owner | None) ->
         _apply_mode(tree, fd, rel, mode)
 
 
-def _discard(tree: Tree, rel: RelativeDir, volume: str) -> bool:
+def _discard(tree: Tree, rel: RelativeDir, volume: str) -> Discarded:
+    outcome: Discarded
     try:
-        # A leaf never made (a crash between the records and the mkdir) counts as removed.
-        removed = tree.entry(rel.parts) is None or tree.remove_empty(rel.parts)
+        if tree.entry(rel.parts) is None:
+            outcome = "missing"  # never made: a crash between the records and the mkdir
+        else:
+            outcome = "removed" if tree.remove_empty(rel.parts) else "kept"
     except FileNotFoundError:
-        removed = True
-    if removed:
+        outcome = "missing"
+    if outcome != "kept":
         journal.remove_owners(tree, rel.parts)
     journal.clear_intent(tree, volume)
-    return removed
+    return outcome
 
 
 def _record(tree: Tree, rel: RelativeDir, owner: Owner) -> None:

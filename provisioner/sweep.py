@@ -61,23 +61,29 @@ async def _sweep(
                 await storage.clear_intent(intent.volume)
             elif action is orphans.Action.REMOVE:
                 directory = parse_relative(intent.directory)
-                if await storage.discard_created_dir(directory, intent.volume):
+                outcome = await storage.discard_created_dir(directory, intent.volume)
+                claim = f"{intent.namespace}/{intent.claim} (uid {intent.claim_uid})"
+                if outcome == "removed":
                     removed.append(intent.directory)
                     logger.info(
-                        "orphan sweep: removed empty directory %s: claim %s/%s (uid %s) is gone "
-                        "and its PV was never saved",
+                        "orphan sweep: removed empty directory %s: claim %s is gone and its PV "
+                        "was never saved",
                         intent.directory,
-                        intent.namespace,
-                        intent.claim,
-                        intent.claim_uid,
+                        claim,
+                    )
+                elif outcome == "missing":
+                    logger.info(
+                        "orphan sweep: directory %s of claim %s was never made or is gone "
+                        "already; dropped its intent",
+                        intent.directory,
+                        claim,
                     )
                 else:
                     logger.warning(
-                        "orphan sweep: kept %s: claim %s/%s is gone, but the directory is not "
+                        "orphan sweep: kept %s: claim %s is gone, but the directory is not "
                         "empty; it stays as a leftover of namespace %s",
                         intent.directory,
-                        intent.namespace,
-                        intent.claim,
+                        claim,
                         intent.namespace,
                     )
         except (StorageError, Redirected, UnsafePathError) as error:

@@ -511,7 +511,7 @@ def test_discard_created_dir_removes_the_empty_leaf_its_records_and_intent(
     run(storage.record_owner(parse_relative("team-a"), OWNER))
     rel = parse_relative("team-a/app")
     run(provision(storage, rel, DirOwner(), OWNER))
-    assert run(storage.discard_created_dir(rel, "pvc-1")) is True
+    assert run(storage.discard_created_dir(rel, "pvc-1")) == "removed"
     assert tree_of(mount) == ["team-a"]
     assert records(mount) == [f"owners/dteam-a/{RECORD}"], "the parent's record stays"
 
@@ -520,7 +520,7 @@ def test_discard_created_dir_keeps_a_directory_with_data(storage: Storage, mount
     rel = parse_relative("team-a/app")
     run(provision(storage, rel, DirOwner(), OWNER))
     (mount / "team-a" / "app" / "written").write_text("a pod was quick")
-    assert run(storage.discard_created_dir(rel, "pvc-1")) is False
+    assert run(storage.discard_created_dir(rel, "pvc-1")) == "kept"
     assert tree_of(mount) == ["team-a", "team-a/app", "team-a/app/written"]
     assert "intents/pvc-1.json" not in records(mount)
     assert run(storage.inspect(rel)).leaf_owner == OWNER, "a kept leftover keeps its owner"
@@ -559,7 +559,7 @@ def test_discard_created_dir_of_a_directory_never_made_drops_its_records(
             run(store.create_dir(rel, DirOwner(), OWNER, intent_for(str(rel))))
         assert tree_of(mount) == left
         assert records(mount) == ["intents/pvc-1.json", f"owners/dteam-a/dapp/{RECORD}"]
-        assert run(store.discard_created_dir(rel, "pvc-1")) is True
+        assert run(store.discard_created_dir(rel, "pvc-1")) == "missing"
     finally:
         store.close()
     assert tree_of(mount) == left
