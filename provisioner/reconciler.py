@@ -552,17 +552,38 @@ class Reconciler:
         )
 
     async def _record_legacy_policy(self, volume: core.Volume) -> core.Volume:
-        """Resolve an adopted PV's policy from its StorageClass as it is now, and record it."""
-        policy = adoption.legacy_policy(
-            volume.storage_class, self.cache.storage_class(volume.storage_class)
-        )
-        saved = await self._patch_volume(volume, adoption.policy_patch(volume, policy))
-        if saved is None:
-            raise RetryLater(f"volume {volume.name}: gone while recording its on-delete policy")
-        recorded = core.volume_from(saved)
-        self.cache.put_volume(recorded)
-        logger.info("volume %s: on-delete %s: %s", volume.name, policy.on_delete, policy.basis)
-        return recorded
+        """Resolve an adopted PV's policy from its StorageClass as it is now, and record it.
+
+        The PV often changes under us right then (the PV controller marks it Released): a
+        conflict re-reads it and tries again, unless the policy got recorded meanwhile or the PV
+        no longer needs cleaning (then the whole reconcile decides again)."""
+        for _attempt in range(3):
+            policy = adoption.legacy_policy(
+                volume.storage_class, self.cache.storage_class(volume.storage_class)
+            )
+            try:
+                saved = await self.kube.patch_volume(
+                    volume.name, adoption.policy_patch(volume, policy)
+                )
+            except Conflict:
+                fresh = await self.kube.get_volume(volume.name)
+                if fresh is None:
+                    break
+                volume = core.volume_from(fresh)
+                self.cache.put_volume(volume)
+                decision = core.decide_volume(volume, self.settings.provisioner_name)
+                if decision.action is not core.VolumeAction.CLEAN:
+                    raise RetryLater(f"volume {volume.name}: changed; deciding again") from None
+                if volume.on_delete is not None:
+                    return volume
+                continue
+            except NotFound:
+                break
+            recorded = core.volume_from(saved)
+            self.cache.put_volume(recorded)
+            logger.info("volume %s: on-delete %s: %s", volume.name, policy.on_delete, policy.basis)
+            return recorded
+        raise RetryLater(f"volume {volume.name}: gone or changing while recording its policy")
 
     async def _patch_volume(
         self, volume: core.Volume, patch: dict[str, object]
@@ -617,10 +638,10 @@ async def relist(reconciler: Reconciler) -> tuple[Merged, Merged, Merged]:
         classes_version,
     )
     for uid in merged_claims.dropped:
-        logger.debug("claim %s: absent from the list; dropped from the cache", uid)
+        logger.info("claim uid %s: absent from the list; dropped from the cache", uid)
         reconciler.forget_claim(uid)
     for name in merged_volumes.dropped:
-        logger.debug("volume %s: absent from the list; dropped from the cache", name)
+        logger.info("volume %s: absent from the list; dropped from the cache", name)
         reconciler.forget_volume(name)
     return merged_claims, merged_volumes, merged_classes
 
