@@ -163,10 +163,16 @@ def adopted_message(volume: Volume, located: Located, exists: bool) -> str:
         else "it does not exist on the export now (release will only delete the PV)"
     )
     finalizer = f"; finalizer {FINALIZER} added" if adds_finalizer(volume) else ""
+    if volume.reclaim_policy == "Delete":
+        release = (
+            f"On release the StorageClass {_quote(volume.storage_class)} decides, as nfs-subdir "
+            "read it then"
+        )
+    else:
+        release = f"Reclaim policy {volume.reclaim_policy}: its release touches nothing"
     return (
         f"Adopted from the previous provisioner: directory {_quote(str(located.directory))} "
-        f"(from spec.nfs.path {_quote(located.nfs_path)}), {state}{finalizer}. On release the "
-        f"StorageClass {_quote(volume.storage_class)} decides, as nfs-subdir read it then"
+        f"(from spec.nfs.path {_quote(located.nfs_path)}), {state}{finalizer}. {release}"
     )
 
 
@@ -219,7 +225,7 @@ def legacy_policy(class_name: str, storage_class: StorageClass | None) -> Legacy
         named = (
             f"StorageClass {_quote(class_name)} no longer exists"
             if class_name
-            else ("the PersistentVolume names no StorageClass")
+            else "the PersistentVolume names no StorageClass"
         )
         return LegacyPolicy(
             OnDelete.RETAIN,

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from provisioner import adoption, core
+from provisioner import adoption, config, core
 from provisioner.config import OnDelete
 from provisioner.paths import RelativeDir
 
@@ -249,6 +249,14 @@ def test_adopted_message() -> None:
     assert '"ns/app"' in message
     assert "does not exist" in message
     assert core.FINALIZER in message
+    assert 'the StorageClass "nfs-client" decides' in message
+
+
+def test_adopted_message_under_retain() -> None:
+    message = adoption.adopted_message(old(reclaim_policy="Retain"), LOCATED, exists=True)
+    assert "it exists" in message
+    assert core.FINALIZER not in message
+    assert "Reclaim policy Retain: its release touches nothing" in message
 
 
 # --- the policy at release -----------------------------------------------------------------------
@@ -453,3 +461,21 @@ def test_render_report() -> None:
         "PersistentVolumes of other provisioners are not listed",
         "migration: nothing was changed",
     ]
+
+
+@pytest.mark.parametrize(
+    ("argv", "wanted"),
+    [
+        pytest.param(["check", "--migration"], True, id="check-migration"),
+        pytest.param(["check"], False, id="plain-check"),
+        pytest.param(["run"], False, id="run"),
+    ],
+)
+def test_the_migration_flag_belongs_to_check(argv: list[str], wanted: bool) -> None:
+    assert config.wants_migration(argv) is wanted
+
+
+@pytest.mark.parametrize("argv", [["--migration"], ["run", "--migration"]])
+def test_the_migration_flag_elsewhere_is_a_config_error(argv: list[str]) -> None:
+    with pytest.raises(config.ConfigError, match="check --migration"):
+        config.wants_migration(argv)
