@@ -350,8 +350,28 @@ class Pki:
         )
 
 
-def apiserver_args(*, etcd_url: str, secure_port: int, cert_dir: Path, pki: Pki) -> list[str]:
-    """kube-apiserver's flags: loopback, own certs, RBAC, default admission minus ServiceAccount."""
+def apiserver_args(
+    *,
+    etcd_url: str,
+    secure_port: int,
+    cert_dir: Path,
+    pki: Pki,
+    audit: tuple[Path, Path] | None = None,
+) -> list[str]:
+    """kube-apiserver's flags: loopback, own certs, RBAC, default admission minus ServiceAccount.
+
+    ``audit`` is ``(policy file, log file)``: an audit log of JSON lines, one per request stage
+    the policy keeps (the RBAC test records what the provisioner calls). Off by default.
+    """
+    audit_args = (
+        [
+            f"--audit-policy-file={audit[0]}",
+            f"--audit-log-path={audit[1]}",
+            "--audit-log-format=json",
+        ]
+        if audit is not None
+        else []
+    )
     return [
         f"--bind-address={LOOPBACK}",
         f"--advertise-address={LOOPBACK}",
@@ -372,6 +392,7 @@ def apiserver_args(*, etcd_url: str, secure_port: int, cert_dir: Path, pki: Pki)
         # The default plugin set stays on (DefaultStorageClass, StorageObjectInUseProtection, ...);
         # ServiceAccount goes because no serviceaccount controller creates `default` SAs.
         "--disable-admission-plugins=ServiceAccount",
+        *audit_args,
     ]
 
 
@@ -721,6 +742,7 @@ class ControlPlane:
         *,
         detach: bool = False,
         health_timeout: float = HEALTH_TIMEOUT,
+        audit_policy: Path | None = None,
     ) -> None:
         self.state_dir = Path(state_dir).absolute()
         self.binaries = binaries
@@ -731,6 +753,10 @@ class ControlPlane:
         self.certs_dir = self.state_dir / "certs"
         self.ca_file = self.pki_dir / "ca.crt"
         self.admin_kubeconfig = self.state_dir / "kubeconfig"
+        self.audit_policy = audit_policy
+        """An audit policy for kube-apiserver; None (the default) keeps auditing off."""
+        self.audit_log = self.log_dir / "audit.log" if audit_policy is not None else None
+        """Where kube-apiserver writes its audit events (JSON lines), when auditing is on."""
         self.state_file = self.state_dir / STATE_FILE
         self.ports: dict[str, int] = {}
         self.startup_seconds: float | None = None
@@ -925,8 +951,15 @@ class ControlPlane:
 
     def _plan_apiserver(self, etcd_url: str, pki: Pki) -> _Plan:
         port = free_port()
+        audit = None
+        if self.audit_policy is not None and self.audit_log is not None:
+            audit = (Path(self.audit_policy).absolute(), self.audit_log)
         args = apiserver_args(
-            etcd_url=etcd_url, secure_port=port, cert_dir=self.certs_dir / KUBE_APISERVER, pki=pki
+            etcd_url=etcd_url,
+            secure_port=port,
+            cert_dir=self.certs_dir / KUBE_APISERVER,
+            pki=pki,
+            audit=audit,
         )
         return _Plan(
             [str(self.binaries.kube_apiserver), *args],

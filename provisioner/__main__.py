@@ -22,11 +22,17 @@ from provisioner.config import (
 )
 
 if TYPE_CHECKING:
+    from provisioner.kube import KubeApi
     from provisioner.safefs import Syscalls
 
 
-def main(argv: Sequence[str] | None = None, calls: Syscalls | None = None) -> int:
-    """``calls`` replaces the real filesystem calls; only tests pass it (tests/faults.py)."""
+def main(
+    argv: Sequence[str] | None = None,
+    calls: Syscalls | None = None,
+    api_class: type[KubeApi] | None = None,
+) -> int:
+    """``calls`` replaces the real filesystem calls and ``api_class`` the API client of the
+    running provisioner; only tests pass them (tests/faults.py)."""
     args = list(sys.argv[1:] if argv is None else argv)
     if "--version" in args:
         print(f"nfs-provisioner {__version__}")
@@ -61,7 +67,7 @@ def main(argv: Sequence[str] | None = None, calls: Syscalls | None = None) -> in
     print(report.render(), file=sys.stderr if command == "run" else sys.stdout)
     if command == "check" or not report.ok:
         return 0 if report.ok else 1
-    return asyncio.run(Provisioner(settings, calls).run())
+    return asyncio.run(Provisioner(settings, calls, api_class=api_class).run())
 
 
 if __name__ == "__main__":

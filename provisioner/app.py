@@ -20,6 +20,7 @@ import kopf
 from provisioner import core, handlers
 from provisioner.cache import Cache
 from provisioner.config import Settings
+from provisioner.fence import Fence
 from provisioner.httpserver import Readiness, make_app, serve
 from provisioner.kube import ApiError, KubeApi, ObjectRef, load_api_client
 from provisioner.leader import LeaderElector, LeadershipLost, make_lock
@@ -41,16 +42,26 @@ class Provisioner:
     """One process worth of provisioner, built from validated settings."""
 
     def __init__(
-        self, settings: Settings, calls: Syscalls | None = None, metrics: Metrics | None = None
+        self,
+        settings: Settings,
+        calls: Syscalls | None = None,
+        metrics: Metrics | None = None,
+        api_class: type[KubeApi] | None = None,
     ) -> None:
+        """``calls`` and ``api_class`` replace the filesystem calls and the API client (tests
+        inject faults through them)."""
         self.settings = settings
         self.identity = make_identity()
         self.metrics = metrics or Metrics()
-        self.kube = KubeApi(
+        # Checked before every side effect of the reconciler (PV writes, filesystem changes):
+        # closed until the elector has written our record, always open without election.
+        self.fence = Fence() if settings.leader_election else Fence.always()
+        self.kube = (api_class or KubeApi)(
             load_api_client(pool_size=settings.workers + 8),
             qps=settings.client_qps,
             burst=settings.client_burst,
             threads=settings.workers + 4,
+            fence=self.fence,
         )
         # The pool is larger than the number of workers so that calls stuck on a hung mount
         # (which keep their thread after the timeout) leave room for the others.
@@ -60,6 +71,7 @@ class Provisioner:
             timeout=settings.fs_timeout,
             max_threads=settings.workers * 2 + 4,
             observe=self.metrics.observe_fs,
+            fence=self.fence,
         )
         self.cache = Cache(core.Export(settings.nfs_server, settings.nfs_path))
         self.reconciler = Reconciler(
@@ -89,6 +101,7 @@ class Provisioner:
                 settings,
                 announce=self._announce,
                 on_change=lambda leading: self.metrics.leader.set(1 if leading else 0),
+                fence=self.fence,
             )
 
     async def _announce(self, ref: ObjectRef, message: str) -> None:
@@ -128,16 +141,26 @@ class Provisioner:
         )
 
     async def _elect(self, stop: asyncio.Event) -> None:
-        if self.elector is None:
-            self.metrics.leader.set(1)
-            await self._lead()
-            return
+        """Lead (after winning the election, if enabled) until cancelled. Any other end - the
+        lock lost, a bug in the election or in leading, even a normal return - stops the process
+        with exit code 1, so that the pod restarts instead of staying up without a leader."""
         try:
-            await self.elector.run(self._lead)
+            if self.elector is None:
+                self.metrics.leader.set(1)
+                await self._lead()
+            else:
+                await self.elector.run(self._lead)
+            reason = "the election ended without an error, which it never should"
+        except asyncio.CancelledError:
+            raise  # shutdown: _stop_leading cancels us
         except LeadershipLost as error:
-            logger.error("leader election: %s; exiting so that the pod restarts", error)
-            self.exit_code = 1
-            stop.set()
+            reason = str(error)
+        except Exception as error:  # any end of the election ends the process
+            logger.exception("leader election failed")
+            reason = f"the election failed: {type(error).__name__}: {error}"
+        logger.error("leader election: %s; exiting with code 1 so that the pod restarts", reason)
+        self.exit_code = 1
+        stop.set()
 
     async def _watch_ready(
         self, ready: asyncio.Event, stop: asyncio.Event, election: asyncio.Task[None]

@@ -222,6 +222,9 @@ def parse_bool(raw: str) -> bool:
 
 _HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.\-:\[\]]*[A-Za-z0-9\]])?$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+_DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+_OBJECT_NAME = re.compile(rf"^{_DNS_LABEL}(\.{_DNS_LABEL})*$")
+"""A DNS-1123 subdomain: how the API server validates Endpoints and Lease names."""
 _PROVISIONER = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._/\-]*[A-Za-z0-9])?$")
 
 
@@ -292,6 +295,15 @@ def load_settings(
         LockKind,
         "endpoints, leases or endpointsleases",
     )
+    lock_name = name.replace("/", "-")  # Settings.lock_name
+    if leader and (len(lock_name) > 253 or not _OBJECT_NAME.match(lock_name)):
+        raise ConfigError(
+            f'PROVISIONER_NAME="{name}" is invalid for leader election: the lock name '
+            f'"{lock_name}" derived from it ("/" replaced by "-") must be a DNS-1123 subdomain, '
+            'as Kubernetes requires of object names: lower-case letters, digits, "-" and ".", '
+            "starting and ending with a letter or digit (for example example.com/nfs); or set "
+            "ENABLE_LEADER_ELECTION=false"
+        )
     namespace = values["POD_NAMESPACE"] or read_sa_namespace() or "default"
     if not _DNS_SUBDOMAIN.match(namespace) or len(namespace) > 63:
         raise ConfigError(f'POD_NAMESPACE="{namespace}" is invalid; expected a namespace name')

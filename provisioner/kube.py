@@ -14,7 +14,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +22,9 @@ from urllib.parse import quote, urlencode
 
 import kubernetes.client
 import kubernetes.config
+
+from provisioner import events
+from provisioner.fence import Fence, Fenced
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +51,10 @@ class Conflict(ApiError):
 
 class Forbidden(ApiError):
     pass
+
+
+class NotLeader(ApiError):
+    """A PersistentVolume write refused by the fence (leader lease not known to be valid)."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +109,114 @@ def load_api_client(pool_size: int, config_file: str | None = None) -> kubernete
 _ERRORS: dict[int, type[ApiError]] = {404: NotFound, 409: Conflict, 403: Forbidden}
 
 
+Request = Callable[..., Awaitable[JSON]]
+
+
+class EventRecorder:
+    """Posts Events as client-go's recorder does (``events.Correlator`` decides): an Event
+    identical to one posted within 10 minutes PATCHes that one's ``count`` and
+    ``lastTimestamp``; an object over its spam limit (25, then 1 per 5 minutes) gets none; a
+    PATCH that finds the Event expired (404) creates a new one.
+
+    Not locked per key: Events about one object come from that object's reconcile, which the
+    work queue never runs twice at once.
+    """
+
+    def __init__(
+        self,
+        request: Request,
+        correlator: events.Correlator | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._request = request
+        self._correlator = correlator or events.Correlator()
+        self._clock = clock
+
+    async def record(
+        self, ref: ObjectRef, event_type: str, reason: str, message: str, component: str
+    ) -> events.Action:
+        message = message[:1024]
+        namespace = ref.namespace or "default"
+        key = events.EventKey(
+            component=component,
+            kind=ref.kind,
+            namespace=ref.namespace or "",
+            name=ref.name,
+            uid=ref.uid,
+            api_version=ref.api_version,
+            event_type=event_type,
+            reason=reason,
+            message=message,
+        )
+        plan = self._correlator.plan(key, self._clock())
+        now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        try:
+            if plan.action is events.Action.DROP:
+                logger.debug(
+                    "event %s on %s %s dropped: over the spam limit", reason, ref.kind, ref.name
+                )
+                return plan.action
+            if plan.action is events.Action.PATCH:
+                try:
+                    saved = await self._patch(namespace, plan, now)
+                except NotFound:
+                    self._correlator.expired(key)
+                    saved = await self._create(ref, key, now)
+                    plan = events.Plan(events.Action.CREATE)
+            else:
+                saved = await self._create(ref, key, now)
+        except ApiError as error:
+            logger.warning(
+                "could not record event %s on %s %s: %s", reason, ref.kind, ref.name, error
+            )
+            return plan.action
+        name = str((saved.get("metadata") or {}).get("name") or plan.name)
+        count = int(saved.get("count") or plan.count)
+        self._correlator.recorded(key, name, count, self._clock())
+        return plan.action
+
+    async def _patch(self, namespace: str, plan: events.Plan, now: str) -> JSON:
+        # The fields client-go's correlator patches; a strategic merge patch as it sends.
+        body = {"count": plan.count, "lastTimestamp": now}
+        return await self._request(
+            "PATCH",
+            f"/api/v1/namespaces/{quote(namespace)}/events/{quote(plan.name)}",
+            body,
+            content_type="application/strategic-merge-patch+json",
+        )
+
+    async def _create(self, ref: ObjectRef, key: events.EventKey, now: str) -> JSON:
+        namespace = ref.namespace or "default"
+        involved: JSON = {
+            "kind": ref.kind,
+            "apiVersion": ref.api_version,
+            "name": ref.name,
+            "uid": ref.uid,
+        }
+        if ref.namespace:
+            involved["namespace"] = ref.namespace
+        if ref.resource_version:
+            involved["resourceVersion"] = ref.resource_version
+        body: JSON = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {
+                "name": events.event_name(ref.name, secrets.token_hex(8)),
+                "namespace": namespace,
+            },
+            "involvedObject": involved,
+            "type": key.event_type,
+            "reason": key.reason,
+            "message": key.message,
+            "source": {"component": key.component},
+            "reportingComponent": key.component.split("_", maxsplit=1)[0][:128],
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        return await self._request("POST", f"/api/v1/namespaces/{quote(namespace)}/events", body)
+
+
 class KubeApi:
     def __init__(
         self,
@@ -110,11 +225,16 @@ class KubeApi:
         burst: int,
         threads: int,
         timeout: float = 30.0,
+        fence: Fence | None = None,
     ) -> None:
+        """``fence``: checked before every PersistentVolume write (leader.py moves it); None
+        (no leader election) never refuses."""
         self._client = client
+        self._fence = fence
         self._bucket = TokenBucket(qps, burst)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kube-api")
         self._timeout = timeout
+        self._events = EventRecorder(self.request)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -129,6 +249,7 @@ class KubeApi:
         body: Any = None,
         query: Mapping[str, str] | None = None,
         content_type: str = "application/json",
+        timeout: float | None = None,
     ) -> JSON:
         if query:
             path = f"{path}?{urlencode(query)}"
@@ -141,7 +262,11 @@ class KubeApi:
         )
         try:
             response = self._client.call_api(
-                method, url, header_params=headers, body=serialized, _request_timeout=self._timeout
+                method,
+                url,
+                header_params=headers,
+                body=serialized,
+                _request_timeout=self._timeout if timeout is None else timeout,
             )
             data = response.read()
             response.response.release_conn()
@@ -164,16 +289,28 @@ class KubeApi:
         body: Any = None,
         query: Mapping[str, str] | None = None,
         content_type: str = "application/json",
+        timeout: float | None = None,  # noqa: ASYNC109 - the HTTP client's, in its thread
     ) -> JSON:
+        """``timeout`` (seconds) replaces the client's request timeout for this one call."""
         await self._bucket.acquire()
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
-            self._pool, lambda: self._call(method, path, body, query, content_type)
+            self._pool, lambda: self._call(method, path, body, query, content_type, timeout)
         )
 
     # --- PersistentVolumes and claims -----------------------------------------------------------
 
+    def _fenced(self, action: str) -> None:
+        """Refuse a PersistentVolume write unless the fence is valid (retried later)."""
+        if self._fence is None:
+            return
+        try:
+            self._fence.check(action)
+        except Fenced as error:
+            raise NotLeader(0, "NotLeader", str(error)) from None
+
     async def create_volume(self, body: JSON) -> JSON:
+        self._fenced(f"create PersistentVolume {body.get('metadata', {}).get('name', '')}")
         return await self.request("POST", "/api/v1/persistentvolumes", body)
 
     async def get_volume(self, name: str) -> JSON | None:
@@ -184,6 +321,7 @@ class KubeApi:
 
     async def delete_volume(self, name: str) -> JSON | None:
         """Delete a PV; returns it as the server left it (finalizers pending), None if gone."""
+        self._fenced(f"delete PersistentVolume {name}")
         try:
             result = await self.request("DELETE", f"/api/v1/persistentvolumes/{quote(name)}")
         except NotFound:
@@ -194,6 +332,7 @@ class KubeApi:
         self, name: str, finalizers: list[str], resource_version: str
     ) -> JSON:
         """Replace the finalizer list only if the PV is unchanged since it was read (else 409)."""
+        self._fenced(f"patch the finalizers of PersistentVolume {name}")
         patch = {"metadata": {"finalizers": finalizers, "resourceVersion": resource_version}}
         return await self.request(
             "PATCH",
@@ -205,6 +344,7 @@ class KubeApi:
     async def patch_volume(self, name: str, patch: JSON) -> JSON:
         """JSON merge patch of a PV (annotations, finalizers); a ``metadata.resourceVersion``
         in the patch makes it apply only to the version that was read (else 409)."""
+        self._fenced(f"patch PersistentVolume {name}")
         return await self.request(
             "PATCH",
             f"/api/v1/persistentvolumes/{quote(name)}",
@@ -270,40 +410,11 @@ class KubeApi:
 
     async def post_event(
         self, ref: ObjectRef, event_type: str, reason: str, message: str, component: str
-    ) -> None:
-        """Record a core/v1 Event; a failure is logged, never raised (events are best effort)."""
-        namespace = ref.namespace or "default"
-        now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        involved: JSON = {
-            "kind": ref.kind,
-            "apiVersion": ref.api_version,
-            "name": ref.name,
-            "uid": ref.uid,
-        }
-        if ref.namespace:
-            involved["namespace"] = ref.namespace
-        if ref.resource_version:
-            involved["resourceVersion"] = ref.resource_version
-        body: JSON = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {"name": f"{ref.name}.{secrets.token_hex(8)}", "namespace": namespace},
-            "involvedObject": involved,
-            "type": event_type,
-            "reason": reason,
-            "message": message[:1024],
-            "source": {"component": component},
-            "reportingComponent": component.split("_", maxsplit=1)[0][:128],
-            "firstTimestamp": now,
-            "lastTimestamp": now,
-            "count": 1,
-        }
-        try:
-            await self.request("POST", f"/api/v1/namespaces/{quote(namespace)}/events", body)
-        except ApiError as error:
-            logger.warning(
-                "could not record event %s on %s %s: %s", reason, ref.kind, ref.name, error
-            )
+    ) -> events.Action:
+        """Record a core/v1 Event, correlated (see ``EventRecorder``); a failure is logged,
+        never raised (events are best effort). Returns what was done: DROP when the object's
+        spam limit held it back."""
+        return await self._events.record(ref, event_type, reason, message, component)
 
     # --- access checks (preflight) ---------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 
 The reconciler, the storage layer (through its ``observe`` hook) and the leader elector count
 here and nowhere else. The registry is injectable so tests read fresh counters. Labels are bounded
-sets: StorageClass names, filesystem operations, outcomes, object kinds.
+sets: StorageClass names, filesystem operations, outcomes, object kinds, Event reasons.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ class Metrics:
         )
         self.provision_failed_total = Counter(
             "controller_persistentvolumeclaim_provision_failed_total",
-            "Number of failed provisioning attempts (refusals and errors)",
+            "Failed provisioning attempts: a refusal when first posted for a claim (or when its "
+            "reason changes), and each attempt that failed on the export or saving the PV",
             ["class"],
             registry=r,
         )
@@ -87,6 +88,13 @@ class Metrics:
             "nfs_provisioner_filesystem_call_timeouts_total",
             "Filesystem calls that exceeded the timeout (a hung mount)",
             ["operation"],
+            registry=r,
+        )
+        self.events_dropped_total = Counter(
+            "nfs_provisioner_events_dropped_total",
+            "Events not sent because their object was over the spam limit "
+            "(a burst of 25 per object, then 1 per 5 minutes, as client-go)",
+            ["reason"],
             registry=r,
         )
         self.leader = Gauge(

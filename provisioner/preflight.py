@@ -36,7 +36,8 @@ def required_permissions(settings: Settings) -> list[Permission]:
             for v in ("get", "list", "watch", "create", "delete", "patch")
         ),
         *(Permission("storage.k8s.io", "storageclasses", v) for v in ("list", "watch")),
-        Permission("", "events", "create"),
+        # Events are created, and repeats patched (count, lastTimestamp) as client-go does.
+        *(Permission("", "events", v) for v in ("create", "patch")),
         # The cluster's identity in the export's records (journal.py): kube-system's uid.
         Permission("", "namespaces", "get", name="kube-system"),
     ]

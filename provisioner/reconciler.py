@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 
 from provisioner import adoption, core, ownership, paths
+from provisioner.api import KubeApi
 from provisioner.cache import Cache, Merged
 from provisioner.config import (
     ClassParameters,
@@ -23,8 +24,9 @@ from provisioner.config import (
     Settings,
     parse_class_parameters,
 )
+from provisioner.events import Action
 from provisioner.journal import Intent, Owner
-from provisioner.kube import ApiError, Conflict, KubeApi, NotFound, ObjectRef
+from provisioner.kube import ApiError, Conflict, NotFound, ObjectRef
 from provisioner.metrics import Metrics
 from provisioner.safefs import Redirected
 from provisioner.storage import DirOwner, Storage, StorageError
@@ -160,7 +162,11 @@ class Reconciler:
             )
 
     async def _event(self, ref: ObjectRef, event_type: str, reason: str, message: str) -> None:
-        await self.kube.post_event(ref, event_type, reason, message, self.identity.component)
+        """Post an Event; identical repeats patch its count, and an object over its spam limit
+        gets none (counted in ``events_dropped_total``)."""
+        done = await self.kube.post_event(ref, event_type, reason, message, self.identity.component)
+        if done is Action.DROP:
+            self.metrics.events_dropped_total.labels(reason).inc()
 
     # --- claims: provision -------------------------------------------------------------------
 
@@ -237,10 +243,12 @@ class Reconciler:
             self._reserved.pop(str(directory), None)
 
     async def _refuse(self, claim: core.Claim, storage_class: core.StorageClass, why: str) -> None:
-        self.metrics.provision_failed_total.labels(storage_class.name).inc()
+        """Post the refusal once per claim and reason; only then is it a failed attempt (resyncs
+        and watch events that meet the same refusal again count nothing)."""
         if self._refused.get(claim.uid) == why:
             return
         self._refused[claim.uid] = why
+        self.metrics.provision_failed_total.labels(storage_class.name).inc()
         logger.warning("claim %s: refused: %s", claim.key, why)
         await self._event(claim_ref(claim), "Warning", "ProvisioningFailed", why)
 
@@ -481,7 +489,7 @@ class Reconciler:
             return core.ReleaseOutcome(
                 "VolumeDeleted", f'Directory "{directory}" deleted{basis}', event_type
             )
-        archived = await self.storage.archive_dir(directory)
+        archived = await self.storage.archive_dir(directory, volume.name)
         if archived is None:
             logger.warning("volume %s: directory %s was already missing", volume.name, directory)
             return core.ReleaseOutcome(

@@ -197,6 +197,18 @@ def snapshot(root: Path) -> dict[str, str]:
     return result
 
 
+def snapshot_for(root: Path, namespace: str) -> dict[str, str]:
+    """``snapshot`` of a shared export as one test sees it: the directories of other tests'
+    namespaces (``t-…`` and their ``archived-t-…``), which their releases may change at any
+    time, are left out; everything else, including the export's root, is in."""
+
+    def foreign(rel: str) -> bool:
+        top = rel.split("/", 1)[0].removeprefix("archived-")
+        return top.startswith("t-") and not top.startswith(namespace)
+
+    return {rel: kind for rel, kind in snapshot(root).items() if not foreign(rel)}
+
+
 def entry_module(env: dict[str, str]) -> str:
     """The real entry point, or its fault-injecting twin when the test set a rules file."""
     return "tests.faulty_provisioner" if FAULTS_ENV in env else "provisioner"

@@ -211,7 +211,9 @@ def test_missing_class_is_waited_for(
     process = provisioner()
     class_name = unique("later")
     admin.apply(claim("early", namespace, class_name))
-    wait_for("the claim to exist", lambda: admin.get("pvc", "early", namespace))
+    # The provisioner saw the claim and decided to wait for its class (not: not yet looked).
+    waiting = f'claim {namespace}/early: waiting: StorageClass "{class_name}" does not exist'
+    wait_for("the provisioner to wait for the class", lambda: waiting in process.logs())
     assert admin.phase("pvc", "early", namespace) == "Pending"
     admin.apply(storage_class(class_name, process.name))
     admin.wait_phase("pvc", "early", "Bound", namespace)

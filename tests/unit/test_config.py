@@ -91,6 +91,22 @@ def test_namespace_falls_back_to_service_account_file() -> None:
             id="name-chars",
         ),
         pytest.param(
+            {"PROVISIONER_NAME": "Example.com/nfs"},
+            'PROVISIONER_NAME="Example.com/nfs" is invalid for leader election: the lock name '
+            '"Example.com-nfs" derived from it',
+            id="lock-name-upper-case",
+        ),
+        pytest.param(
+            {"PROVISIONER_NAME": "example.com/my_nfs"},
+            'PROVISIONER_NAME="example.com/my_nfs" is invalid for leader election',
+            id="lock-name-underscore",
+        ),
+        pytest.param(
+            {"PROVISIONER_NAME": "example..com/nfs"},
+            "must be a DNS-1123 subdomain",
+            id="lock-name-empty-label",
+        ),
+        pytest.param(
             {"LOG_FORMAT": "xml"},
             'LOG_FORMAT="xml" is invalid; expected text or json',
             id="log-format",
@@ -180,3 +196,11 @@ def test_bad_class_parameters_list_what_is_accepted(
         parse_class_parameters("nfs", parameters)
     assert 'StorageClass "nfs"' in str(caught.value)
     assert expected in str(caught.value)
+
+
+def test_lock_name_is_checked_only_with_leader_election() -> None:
+    env = {**BASE, "PROVISIONER_NAME": "Example.com/my_nfs", "ENABLE_LEADER_ELECTION": "false"}
+    _, settings = load_settings([], env)
+    assert settings.provisioner_name == "Example.com/my_nfs"
+    _, settings = load_settings([], {**BASE, "PROVISIONER_NAME": "k8s-sigs.io/nfs-subdir"})
+    assert settings.lock_name == "k8s-sigs.io-nfs-subdir"

@@ -1,0 +1,79 @@
+"""The Kubernetes API as the control loop sees it: the seam between decisions and the wire.
+
+``reconciler`` (and its ``relist``), ``sweep`` and the leader-election locks are typed against
+``KubeApi``; ``kube.KubeApi`` is the real implementation and ``tests/fakes.FakeKube`` an in-memory
+one. It lists exactly the calls those modules make, nothing more. It must not import the
+Kubernetes client at run time: the names below come from ``kube`` for type checking only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from provisioner.events import Action
+    from provisioner.kube import JSON, ObjectRef
+
+
+class KubeApi(Protocol):
+    """Errors are ``kube.ApiError`` and its subclasses (``NotFound``, ``Conflict``, ...)."""
+
+    # --- leader-election locks: plain requests on Endpoints and Leases ---------------------------
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        query: Mapping[str, str] | None = None,
+        content_type: str = "application/json",
+        timeout: float | None = None,  # noqa: ASYNC109 - the HTTP client's, in its thread
+    ) -> JSON:
+        """``timeout`` (seconds) bounds this one call (the elector's renew deadline)."""
+        ...
+
+    # --- PersistentVolumes and claims (reconciler) -----------------------------------------------
+
+    async def create_volume(self, body: JSON) -> JSON:
+        """Conflict when a PV of that name exists."""
+        ...
+
+    async def get_volume(self, name: str) -> JSON | None:
+        """None when the PV does not exist."""
+        ...
+
+    async def delete_volume(self, name: str) -> JSON | None:
+        """The PV as the server left it (finalizers pending), None if it is gone at once."""
+        ...
+
+    async def set_volume_finalizers(
+        self, name: str, finalizers: list[str], resource_version: str
+    ) -> JSON:
+        """Conflict unless the PV is still at ``resource_version``; NotFound when it is gone."""
+        ...
+
+    async def patch_volume(self, name: str, patch: JSON) -> JSON:
+        """JSON merge patch; a ``metadata.resourceVersion`` in it makes it conditional."""
+        ...
+
+    async def get_claim(self, namespace: str, name: str) -> JSON | None:
+        """None when the claim does not exist."""
+        ...
+
+    # --- lists (reconciler.relist, sweep) --------------------------------------------------------
+
+    async def list_claims(self) -> list[JSON]: ...
+    async def list_volumes(self) -> list[JSON]: ...
+    async def list_claims_versioned(self) -> tuple[list[JSON], str]: ...
+    async def list_volumes_versioned(self) -> tuple[list[JSON], str]: ...
+    async def list_classes_versioned(self) -> tuple[list[JSON], str]: ...
+
+    # --- Events ----------------------------------------------------------------------------------
+
+    async def post_event(
+        self, ref: ObjectRef, event_type: str, reason: str, message: str, component: str
+    ) -> Action:
+        """Best effort: never raises. Returns what was done (``Action.DROP``: the object's
+        spam limit held it back, see ``events``)."""
+        ...
