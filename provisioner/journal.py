@@ -8,8 +8,11 @@ that name as a claim's directory, so no tenant can reach it):
   provisioner and cluster only, and removes the (empty) directory of a claim that is gone.
 - ``owners/<d+component>/.../owner.json``: which cluster and namespace a directory was created
   for, in a tree that mirrors the export's (so the records inside or above a directory are one
-  walk away). Written before the directory is made, moved with it when it is archived, removed
-  with it. ``ownership.py`` decides reuse from these records.
+  walk away). Written before the directory is made, moved just before it when it is archived,
+  removed with it. ``ownership.py`` decides reuse from these records.
+- ``tmp/tmp-<writer>-<random>``: each record is written here first and renamed into place. A
+  process killed in between leaves its file behind; ``remove_temporaries`` (run by the sweep)
+  removes those of one writer, a cluster's provisioner, and never another writer's in flight.
 
 Storage calls these functions inside its timed jobs, on a ``safefs.Tree``. No kopf, kubernetes
 or prometheus here.
@@ -29,6 +32,7 @@ from provisioner.safefs import Tree
 
 INTENTS = (JOURNAL_DIR, "intents")
 OWNERS = (JOURNAL_DIR, "owners")
+SCRATCH = (JOURNAL_DIR, "tmp")
 RECORD = "owner.json"
 _MAX_MIRROR_NAME = 255
 _VERSION = 1
@@ -88,6 +92,39 @@ def mirror_of(parts: Sequence[str]) -> tuple[str, ...]:
     return (*OWNERS, *(mirror_name(part) for part in parts))
 
 
+def writer_prefix(cluster: str, provisioner: str) -> str:
+    """The prefix of the temporary files one writer (a cluster's provisioner) creates."""
+    digest = hashlib.sha256(f"{cluster}\0{provisioner}".encode()).hexdigest()[:16]
+    return f"tmp-{digest}-"
+
+
+def _write_record(
+    tree: Tree, parts: Sequence[str], name: str, record: Owner | Intent, replace: bool = True
+) -> None:
+    os.close(tree.make_dirs(SCRATCH)[0])
+    tree.write_file(
+        parts,
+        name,
+        _encode(record),
+        replace=replace,
+        scratch=SCRATCH,
+        prefix=writer_prefix(record.cluster, record.provisioner),
+    )
+
+
+def remove_temporaries(tree: Tree, cluster: str, provisioner: str) -> list[str]:
+    """Remove the temporary files this writer left when it was killed mid-write; their names.
+
+    Call it only when no write of this writer can be in flight (the sweep runs before the
+    leader's work queue starts)."""
+    prefix = writer_prefix(cluster, provisioner)
+    removed = []
+    for name in tree.list_files(SCRATCH):
+        if name.startswith(prefix) and tree.remove_file(SCRATCH, name):
+            removed.append(name)
+    return removed
+
+
 def _encode(value: object) -> bytes:
     return (json.dumps({"version": _VERSION, **asdict(value)}, sort_keys=True) + "\n").encode()  # type: ignore[call-overload]
 
@@ -116,14 +153,14 @@ def read_owner(tree: Tree, parts: Sequence[str]) -> Owner | None:
 
 def write_owner(tree: Tree, parts: Sequence[str], owner: Owner) -> None:
     os.close(tree.make_dirs(mirror_of(parts))[0])
-    tree.write_file(mirror_of(parts), RECORD, _encode(owner))
+    _write_record(tree, mirror_of(parts), RECORD, owner)
 
 
 def create_owner(tree: Tree, parts: Sequence[str], owner: Owner) -> bool:
     """Write the record only where there is none; False (nothing changed) if one exists."""
     os.close(tree.make_dirs(mirror_of(parts))[0])
     try:
-        tree.write_file(mirror_of(parts), RECORD, _encode(owner), replace=False)
+        _write_record(tree, mirror_of(parts), RECORD, owner, replace=False)
     except FileExistsError:
         return False
     return True
@@ -140,10 +177,12 @@ def remove_owners(tree: Tree, parts: Sequence[str]) -> None:
         tree.remove_tree(mirror_of(parts))
 
 
-def move_owners(tree: Tree, parts: Sequence[str], new_leaf: str) -> None:
-    """Follow a rename of ``parts`` to ``new_leaf`` in the same parent. A record already at the
-    new name is stale (no directory was there): it is replaced, or removed when ``parts`` had
-    none."""
+def move_owners(tree: Tree, parts: Sequence[str], new_leaf: str, volume: str = "") -> None:
+    """Move the records of ``parts`` (and below) to ``new_leaf`` in the same parent, ahead of
+    the directory's own rename. A record already at the new name is stale (no directory is
+    there): it is replaced, or removed when ``parts`` had none, except one made for ``volume``
+    when ``parts`` has none: an archive of that volume that was killed after this move and
+    before the directory's rename already put it there."""
     parent = mirror_of(parts[:-1])
     target = (*parts[:-1], new_leaf)
     try:
@@ -153,9 +192,13 @@ def move_owners(tree: Tree, parts: Sequence[str], new_leaf: str) -> None:
         moved = tree.rename_dir(parent, mirror_name(parts[-1]), mirror_name(new_leaf))
     except FileNotFoundError:
         moved = False  # no record, not even for the parent
-    if not moved:
-        # Nothing followed the directory: a record at the new name is stale, not its owner.
-        remove_owners(tree, target)
+    if moved:
+        return
+    if volume:
+        owner = read_owner(tree, target)
+        if owner is not None and owner.volume == volume:
+            return
+    remove_owners(tree, target)
 
 
 def owners_above(tree: Tree, parts: Sequence[str]) -> list[tuple[str, Owner]]:
@@ -195,7 +238,7 @@ def owners_below(tree: Tree, parts: Sequence[str], limit: int = 10000) -> list[t
 
 def write_intent(tree: Tree, intent: Intent) -> None:
     os.close(tree.make_dirs(INTENTS)[0])
-    tree.write_file(INTENTS, f"{intent.volume}.json", _encode(intent))
+    _write_record(tree, INTENTS, f"{intent.volume}.json", intent)
 
 
 def clear_intent(tree: Tree, volume: str) -> bool:

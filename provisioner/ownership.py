@@ -106,6 +106,10 @@ def decide(
                 f"directory {shown} already exists and holds {_quote(path)}, which belongs to "
                 f"{inner.describe()}; it is not given to another namespace. {hint}",
             )
+    if owner is not None and tenant.volume and owner.volume == tenant.volume:
+        return Decision(
+            Plan.REUSE, "it was made for this very claim by an earlier attempt that did not finish"
+        )
     if owner is not None:
         return Decision(Plan.REUSE, f"left by a claim of namespace {_quote(tenant.namespace)}")
     if default_name or directory.parts[0] == tenant.namespace:

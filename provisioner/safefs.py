@@ -408,29 +408,44 @@ class Tree:
     # --- small files (the provisioner's own records) -------------------------------------------
 
     def write_file(
-        self, parts: Sequence[str], name: str, data: bytes, replace: bool = True
+        self,
+        parts: Sequence[str],
+        name: str,
+        data: bytes,
+        replace: bool = True,
+        scratch: Sequence[str] | None = None,
+        prefix: str = "tmp-",
     ) -> None:
         """Atomically create or replace the file ``name`` in ``parts``, synced to the server
         (file, then directory) before returning. Without ``replace``, FileExistsError if the
-        file exists (it is left as it was)."""
+        file exists (it is left as it was).
+
+        The data is written to ``<prefix><random>`` in ``scratch`` (default: ``parts`` itself)
+        and renamed into place. A process killed in between leaves that temporary file behind;
+        a scratch directory of its own and a prefix that names the writer let the writer find
+        and remove its own leftovers (journal.remove_temporaries) without touching anyone
+        else's files in flight.
+        """
         where = _join("/".join(parts), name)
-        temporary = f"tmp-{secrets.token_hex(8)}"
-        with self.opened(parts) as parent:
-            fd = self.calls.open(parent, temporary, _CREATE_FLAGS, where)
+        temporary = f"{prefix}{secrets.token_hex(8)}"
+        with contextlib.ExitStack() as stack:
+            parent = stack.enter_context(self.opened(parts))
+            spare = parent if scratch is None else stack.enter_context(self.opened(scratch))
+            fd = self.calls.open(spare, temporary, _CREATE_FLAGS, where)
             try:
                 self.calls.write(fd, data, where)
                 self.calls.fsync(fd, where)
             except BaseException:
                 os.close(fd)
                 with contextlib.suppress(OSError):
-                    self.calls.unlink(parent, temporary, where)
+                    self.calls.unlink(spare, temporary, where)
                 raise
             os.close(fd)
             try:
-                self.calls.rename(parent, temporary, parent, name, where, replace=replace)
+                self.calls.rename(spare, temporary, parent, name, where, replace=replace)
             except BaseException:
                 with contextlib.suppress(OSError):
-                    self.calls.unlink(parent, temporary, where)
+                    self.calls.unlink(spare, temporary, where)
                 raise
             self.calls.fsync(parent, where)
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Literal, ParamSpec, TypeVar
 
 from provisioner import journal
+from provisioner.fence import Fence, Fenced
 from provisioner.journal import Intent, Owner
 from provisioner.ownership import Inspection
 from provisioner.paths import JOURNAL_DIR, RelativeDir, archive_name, parse_relative
@@ -206,6 +207,7 @@ class Storage:
         timeout: float,
         max_threads: int = 16,
         observe: Observer | None = None,
+        fence: Fence | None = None,
     ) -> None:
         if timeout <= 0:
             raise ValueError(f"storage timeout {timeout!r} s must be positive")
@@ -215,6 +217,7 @@ class Storage:
         self.timeout = timeout
         self._calls = calls
         self._observe = observe
+        self._fence = fence  # checked before each mutating call of a job (see _Cancellable)
         self._pool = _DaemonThreadPool(max_threads, "storage")
 
     # --- provisioning ---------------------------------------------------------------------------
@@ -257,6 +260,15 @@ class Storage:
     async def read_intents(self) -> tuple[list[Intent], list[str]]:
         return await self._run("read_intents", None, journal.read_intents)
 
+    async def remove_temporaries(self, cluster: str, provisioner: str) -> list[str]:
+        """Remove the half-written record files this cluster's provisioner left when it was
+        killed; only call it while none of its writes can be in flight."""
+        return await self._run(
+            "remove_temporaries",
+            None,
+            lambda tree: journal.remove_temporaries(tree, cluster, provisioner),
+        )
+
     async def record_owner(self, rel: RelativeDir, owner: Owner) -> None:
         """Hand the existing directory ``rel`` over to ``owner`` (an admin's decision)."""
         await self._run("record_owner", rel, lambda tree: _record(tree, rel, owner))
@@ -269,11 +281,12 @@ class Storage:
         checked = _checked(rel)
         return await self._run("remove_dir", checked, lambda tree: _remove(tree, checked))
 
-    async def archive_dir(self, rel: RelativeDir | str) -> RelativeDir | None:
-        """Rename ``rel`` to a free ``archived-<leaf>[-N]`` beside it, records following; None if
-        it is missing."""
+    async def archive_dir(self, rel: RelativeDir | str, volume: str = "") -> RelativeDir | None:
+        """Rename ``rel`` to a free ``archived-<leaf>[-N]`` beside it, its records first; None
+        if it is missing. ``volume`` is the PersistentVolume being released: a retry after a
+        crash between the two renames finds the records it already moved by that name."""
         checked = _checked(rel)
-        return await self._run("archive_dir", checked, lambda tree: _archive(tree, checked))
+        return await self._run("archive_dir", checked, lambda tree: _archive(tree, checked, volume))
 
     # --- housekeeping ---------------------------------------------------------------------------
 
@@ -290,7 +303,7 @@ class Storage:
     async def _run(self, op: str, rel: RelativeDir | None, job: Callable[[Tree], _T]) -> _T:
         """Run ``job`` on a Tree opened on the export root, in the pool, with the timeout."""
 
-        gate = _Cancellable(self._calls)
+        gate = _Cancellable(self._calls, self._fence)
 
         def on_tree() -> _T:
             with Tree(self.mount, gate) as tree:
@@ -331,10 +344,14 @@ class Storage:
 class _Cancellable:
     """``Syscalls`` that refuse to start once ``cancel`` was called: a job whose caller timed
     out (its thread stuck in one call) must not go on acting after the attempt was reported
-    failed."""
+    failed. With a ``fence``, mutating calls (mkdir, chmod, chown, rename, unlink, rmdir, write,
+    and open for writing or creating) also refuse unless the fence is valid: a replica that is
+    not known to hold the leader lease reads but changes nothing. A call already under way when
+    the fence closes may still complete; nothing after it starts."""
 
-    def __init__(self, inner: Syscalls) -> None:
+    def __init__(self, inner: Syscalls, fence: Fence | None = None) -> None:
         self._inner = inner
+        self._fence = fence
         self._cancelled = threading.Event()
 
     def cancel(self) -> None:
@@ -344,8 +361,20 @@ class _Cancellable:
         if self._cancelled.is_set():
             raise OSError(errno.ECANCELED, "abandoned after the timeout", where)
 
-    def open(self, parent: int, name: str, flags: int, where: str) -> int:
+    def _mutating(self, op: str, where: str) -> None:
         self._check(where)
+        if self._fence is None:
+            return
+        try:
+            self._fence.check(op)
+        except Fenced as error:
+            raise OSError(errno.ECANCELED, str(error), where) from None
+
+    def open(self, parent: int, name: str, flags: int, where: str) -> int:
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC):
+            self._mutating("open for writing", where)
+        else:
+            self._check(where)
         return self._inner.open(parent, name, flags, where)
 
     def stat(self, parent: int, name: str, where: str) -> os.stat_result:
@@ -353,29 +382,29 @@ class _Cancellable:
         return self._inner.stat(parent, name, where)
 
     def mkdir(self, parent: int, name: str, where: str) -> None:
-        self._check(where)
+        self._mutating("mkdir", where)
         self._inner.mkdir(parent, name, where)
 
     def chmod(self, fd: int, mode: int, where: str) -> None:
-        self._check(where)
+        self._mutating("chmod", where)
         self._inner.chmod(fd, mode, where)
 
     def chown(self, fd: int, uid: int, gid: int, where: str) -> None:
-        self._check(where)
+        self._mutating("chown", where)
         self._inner.chown(fd, uid, gid, where)
 
     def rename(
         self, parent: int, src: str, dst_parent: int, dst: str, where: str, replace: bool
     ) -> None:
-        self._check(where)
+        self._mutating("rename", where)
         self._inner.rename(parent, src, dst_parent, dst, where, replace)
 
     def unlink(self, parent: int, name: str, where: str) -> None:
-        self._check(where)
+        self._mutating("unlink", where)
         self._inner.unlink(parent, name, where)
 
     def rmdir(self, parent: int, name: str, where: str) -> None:
-        self._check(where)
+        self._mutating("rmdir", where)
         self._inner.rmdir(parent, name, where)
 
     def listdir(self, fd: int, where: str) -> list[str]:
@@ -383,7 +412,7 @@ class _Cancellable:
         return self._inner.listdir(fd, where)
 
     def write(self, fd: int, data: bytes, where: str) -> None:
-        self._check(where)
+        self._mutating("write", where)
         self._inner.write(fd, data, where)
 
     def fsync(self, fd: int, where: str) -> None:
@@ -493,7 +522,7 @@ def _remove(tree: Tree, rel: RelativeDir) -> bool:
     return existed
 
 
-def _archive(tree: Tree, rel: RelativeDir) -> RelativeDir | None:
+def _archive(tree: Tree, rel: RelativeDir, volume: str) -> RelativeDir | None:
     def taken(name: RelativeDir) -> bool:
         return tree.entry(name.parts) is not None
 
@@ -502,15 +531,22 @@ def _archive(tree: Tree, rel: RelativeDir) -> RelativeDir | None:
             return None
     except FileNotFoundError:
         return None
+    # Records first, directory second: killed in between, the directory is still at ``rel``
+    # and the retry picks the same free name, where move_owners finds the records by volume.
+    # (The other order would leave an archive without its owner, reusable by any namespace.)
+    records = rel
     for _ in range(_ARCHIVE_ATTEMPTS):
         target = archive_name(rel, taken)
+        journal.move_owners(tree, records.parts, target.leaf, volume)
+        records = target
         try:
             if not tree.rename_dir(rel.parent_parts, rel.leaf, target.leaf):
+                journal.move_owners(tree, records.parts, rel.leaf, volume)
                 return None
         except FileExistsError:
             continue  # the name was taken between the check and the rename: pick the next
-        journal.move_owners(tree, rel.parts, target.leaf)
         return target
+    journal.move_owners(tree, records.parts, rel.leaf, volume)
     raise StorageError(
         "archive_dir",
         str(rel),

@@ -3,7 +3,9 @@
 SPEC §11: a crash at any point of provisioning must converge with no orphans. A provisioner
 that dies after creating a claim's directory but before saving its PV leaves the directory and
 its intent (journal.py); if the claim is deleted before any provisioner runs again, no claim or
-PV will ever name it. ``app`` calls ``sweep`` before the work queue starts, so no provisioning
+PV will ever name it. A process killed while writing a record leaves a temporary file in the
+journal's scratch directory; those of this cluster's provisioner are removed first.
+``app`` calls ``sweep`` before the work queue starts, so no provisioning
 of ours runs concurrently; ``orphans.judge`` decides per intent, and
 ``Storage.discard_created_dir`` (rmdir, never recursive) makes sure nothing with data is lost.
 A failed sweep is logged and retried at the next leadership; it never blocks provisioning.
@@ -14,7 +16,8 @@ from __future__ import annotations
 import logging
 
 from provisioner import core, orphans
-from provisioner.kube import ApiError, KubeApi
+from provisioner.api import KubeApi
+from provisioner.kube import ApiError
 from provisioner.paths import UnsafePathError, parse_relative
 from provisioner.safefs import Redirected
 from provisioner.storage import Storage, StorageError
@@ -38,6 +41,13 @@ async def _sweep(
     storage: Storage, kube: KubeApi, export: core.Export, cluster: str, provisioner: str
 ) -> list[str]:
     try:
+        # No write of ours is in flight yet: any temporary file of ours is a dead one.
+        leftovers = await storage.remove_temporaries(cluster, provisioner)
+        if leftovers:
+            logger.info(
+                "orphan sweep: removed %d half-written record file(s) of an earlier run",
+                len(leftovers),
+            )
         # Intents first, then claims and PVs: an intent seen here whose claim is alive was
         # written after that claim existed, so the later list includes it.
         intents, unreadable = await storage.read_intents()

@@ -1,13 +1,17 @@
-"""The filesystem fault seam for tests: make chosen calls on the export fail or hang.
+"""The fault seam for tests: make chosen filesystem or API calls fail or hang.
 
 Not part of the package, so it cannot be switched on in the image: integration tests start
 ``python -m tests.faulty_provisioner`` (see ``harness.ProvisionerProcess``), which runs the real
-entry point with ``FaultInjectingSyscalls`` around ``safefs.LocalSyscalls``. The rules file is
-re-read before every call, so a test can change faults while the provisioner runs.
+entry point with ``FaultInjectingSyscalls`` around ``safefs.LocalSyscalls`` and
+``FaultInjectingKubeApi`` in place of ``kube.KubeApi``. The rules file is re-read before every
+call, so a test can change faults while the provisioner runs. Every hang that starts appends a
+line ``<op> <where>`` to the ``.held`` file beside the rules (``held_file``), so that a test
+knows the provisioner is held at the point it chose (and can SIGKILL it there).
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import os
@@ -18,6 +22,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
+from provisioner import events
+from provisioner.kube import JSON, ApiError, KubeApi, ObjectRef
 from provisioner.safefs import LocalSyscalls, Syscalls
 
 FAULTS_ENV = "NFS_PROVISIONER_UNSAFE_FAULTS_FILE"
@@ -27,7 +33,16 @@ FaultOp = Literal[
     "open", "stat", "mkdir", "chmod", "chown", "rename", "unlink", "rmdir", "listdir", "write",
     "fsync",
 ]  # fmt: skip
-_FAULT_OPS: tuple[FaultOp, ...] = typing.get_args(FaultOp)
+"""Filesystem calls (``safefs.Syscalls``); ``where`` is the export-relative path."""
+
+ApiOp = Literal[
+    "get_claim", "create_volume", "get_volume", "delete_volume", "patch_volume",
+    "set_volume_finalizers", "post_event",
+]  # fmt: skip
+"""The reconciler's API calls; ``where`` is ``<namespace>/<claim>`` for get_claim, the PV name
+for PV calls, ``<object name>/<reason>`` for post_event."""
+
+_FAULT_OPS: tuple[str, ...] = (*typing.get_args(FaultOp), *typing.get_args(ApiOp))
 
 
 def _quote(value: Path | str) -> str:
@@ -36,8 +51,9 @@ def _quote(value: Path | str) -> str:
 
 @dataclass(frozen=True)
 class FaultRule:
-    """Make ``op`` on entries whose export-relative path contains ``match`` raise ``errno``
-    ("error") or block ("hang")."""
+    """Make ``op`` where ``where`` contains ``match`` raise ``errno`` (an API call: a 500
+    error) or block ("hang"). A leading ``^`` anchors ``match`` at the start of ``where``, a
+    trailing ``$`` at its end."""
 
     op: str
     match: str = ""
@@ -45,7 +61,27 @@ class FaultRule:
     errno: str = "EIO"
 
     def applies(self, op: str, where: str) -> bool:
-        return self.op == op and self.match in where
+        if self.op != op:
+            return False
+        text, start, end = self.match, self.match.startswith("^"), self.match.endswith("$")
+        text = text[1 if start else 0 : len(text) - 1 if end else len(text)]
+        if start and end:
+            return where == text
+        if start:
+            return where.startswith(text)
+        if end:
+            return where.endswith(text)
+        return text in where
+
+
+def held_file(rules_file: Path) -> Path:
+    """Where each hang that starts is announced, one ``<op> <where>`` line per hang."""
+    return rules_file.with_name(f"{rules_file.name}.held")
+
+
+def _announce_hang(rules_file: Path, op: str, where: str) -> None:
+    with held_file(rules_file).open("a") as held:
+        held.write(f"{op} {where}\n")
 
 
 def write_fault_rules(rules_file: Path, rules: Sequence[FaultRule]) -> None:
@@ -110,12 +146,13 @@ class FaultInjectingSyscalls:
             if not rule.applies(op, where):
                 continue
             if rule.effect == "hang":
-                self._hang(rule)
+                self._hang(rule, op, where)
             else:
                 code = int(getattr(errno, rule.errno))
                 raise OSError(code, os.strerror(code), where)
 
-    def _hang(self, rule: FaultRule) -> None:
+    def _hang(self, rule: FaultRule, op: str, where: str) -> None:
+        _announce_hang(self.rules_file, op, where)
         deadline = time.monotonic() + self._max_hang
         while time.monotonic() < deadline and rule in read_fault_rules(self.rules_file):
             time.sleep(self._poll)
@@ -165,3 +202,55 @@ class FaultInjectingSyscalls:
     def fsync(self, fd: int, where: str) -> None:
         self._inject("fsync", where)
         self.inner.fsync(fd, where)
+
+
+class FaultInjectingKubeApi(KubeApi):
+    """``KubeApi`` whose reconciler-facing calls fail (a 500 from the API server) or hang on
+    demand before the real request; the rules file is named by ``FAULTS_ENV``. A hang blocks
+    only the awaiting task, as a slow API server would."""
+
+    rules_file = Path()
+    """Set by ``tests.faulty_provisioner`` before the provisioner is built."""
+    poll = 0.02
+
+    async def _inject(self, op: ApiOp, where: str) -> None:
+        for rule in read_fault_rules(self.rules_file):
+            if not rule.applies(op, where):
+                continue
+            if rule.effect == "error":
+                raise ApiError(500, "InternalError", f"injected fault: {op} {where}")
+            _announce_hang(self.rules_file, op, where)
+            while rule in read_fault_rules(self.rules_file):  # noqa: ASYNC110 - polls a file
+                await asyncio.sleep(self.poll)
+
+    async def get_claim(self, namespace: str, name: str) -> JSON | None:
+        await self._inject("get_claim", f"{namespace}/{name}")
+        return await super().get_claim(namespace, name)
+
+    async def create_volume(self, body: JSON) -> JSON:
+        await self._inject("create_volume", str(body.get("metadata", {}).get("name", "")))
+        return await super().create_volume(body)
+
+    async def get_volume(self, name: str) -> JSON | None:
+        await self._inject("get_volume", name)
+        return await super().get_volume(name)
+
+    async def delete_volume(self, name: str) -> JSON | None:
+        await self._inject("delete_volume", name)
+        return await super().delete_volume(name)
+
+    async def patch_volume(self, name: str, patch: JSON) -> JSON:
+        await self._inject("patch_volume", name)
+        return await super().patch_volume(name, patch)
+
+    async def set_volume_finalizers(
+        self, name: str, finalizers: list[str], resource_version: str
+    ) -> JSON:
+        await self._inject("set_volume_finalizers", name)
+        return await super().set_volume_finalizers(name, finalizers, resource_version)
+
+    async def post_event(
+        self, ref: ObjectRef, event_type: str, reason: str, message: str, component: str
+    ) -> events.Action:
+        await self._inject("post_event", f"{ref.name}/{reason}")
+        return await super().post_event(ref, event_type, reason, message, component)

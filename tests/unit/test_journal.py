@@ -8,7 +8,7 @@ mirror tree has its own property tests in test_properties.py.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -282,3 +282,58 @@ def test_an_intent_keeps_unknown_fields_out_and_defaults_since(tree: Tree, expor
 def test_owner_describe_names_namespace_and_cluster() -> None:
     assert OWNER.describe() == 'namespace "team-a" (cluster c1)'
     assert Owner(cluster="", namespace="x").describe() == 'namespace "x" (cluster unknown)'
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs, not even the cleanup of the temporary file."""
+
+
+class KilledBeforeRename(LocalSyscalls):
+    def rename(
+        self, parent: int, src: str, dst_parent: int, dst: str, where: str, replace: bool
+    ) -> None:
+        raise _Killed(where)
+
+    def unlink(self, parent: int, name: str, where: str) -> None:
+        if name.startswith("tmp-"):
+            raise _Killed(where)
+        super().unlink(parent, name, where)
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        pytest.param(lambda tree: journal.write_intent(tree, INTENT), id="intent"),
+        pytest.param(lambda tree: journal.write_owner(tree, ("team-a", "data"), OWNER), id="owner"),
+        pytest.param(
+            lambda tree: journal.create_owner(tree, ("team-a", "data"), OWNER), id="new-owner"
+        ),
+    ],
+)
+def test_a_write_killed_before_its_rename_leaves_only_a_temporary_the_sweep_removes(
+    export: Path, write: Callable[[Tree], object]
+) -> None:
+    with Tree(export, KilledBeforeRename()) as dying, pytest.raises(_Killed):
+        write(dying)
+    scratch = export.joinpath(*journal.SCRATCH)
+    ours = journal.writer_prefix("c1", "nfs")
+    left = [path.name for path in scratch.iterdir()]
+    assert len(left) == 1 and left[0].startswith(ours)
+    assert [p for p in files_under(export) if not p.startswith(f"{JOURNAL_DIR}/tmp/")] == []
+    # Another writer sharing the export (a second cluster) has a write in flight: not ours.
+    theirs = journal.writer_prefix("c2", "nfs") + "0123456789abcdef"
+    (scratch / theirs).write_bytes(b"{}")
+    (scratch / "notes.txt").write_bytes(b"an admin's file")
+    with Tree(export, LocalSyscalls()) as tree:
+        assert journal.remove_temporaries(tree, "c1", "nfs") == left
+        assert journal.remove_temporaries(tree, "c1", "nfs") == []
+    assert sorted(path.name for path in scratch.iterdir()) == sorted([theirs, "notes.txt"])
+
+
+def test_writer_prefixes_differ_by_cluster_and_provisioner() -> None:
+    prefixes = {
+        journal.writer_prefix(cluster, name)
+        for cluster, name in [("c1", "nfs"), ("c2", "nfs"), ("c1", "nfs2"), ("c1nfs", "")]
+    }
+    assert len(prefixes) == 4
+    assert all(p.startswith("tmp-") and p.endswith("-") for p in prefixes)

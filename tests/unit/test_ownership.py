@@ -84,6 +84,13 @@ CASES = {
         Plan.REUSE,
         reason_has=('left by a claim of namespace "team-a"',),
     ),
+    "reuse-made-for-this-claim-before-a-crash": Case(
+        exists(1, leaf_owner=TENANT),
+        "team-a-app-pvc-1",
+        Plan.REUSE,
+        default_name=True,
+        reason_has=("made for this very claim by an earlier attempt",),
+    ),
     "reuse-own-record-with-own-records-inside": Case(
         exists(1, leaf_owner=SAME_TENANT, owners_below=(("data/inner", SAME_TENANT),)),
         "data",

@@ -46,6 +46,7 @@ ROOT_SQUASH_HINT = (
     "server and the ownership of the directory"
 )
 OWNER = Owner(cluster="c1", namespace="team-a", provisioner="nfs", volume="pvc-1", since="t0")
+OTHER_VOLUME = Owner(cluster="c1", namespace="team-b", provisioner="nfs", volume="pvc-9")
 OTHER = Owner(cluster="c1", namespace="team-b", provisioner="nfs", volume="pvc-2", since="t1")
 MARKER = "outside the export: never touched"
 
@@ -717,6 +718,62 @@ def test_archive_dir_counts_up_past_every_taken_name(storage: Storage, mount: Pa
         (mount / name).mkdir()
     (mount / "app").mkdir()
     assert run(storage.archive_dir("app")) == RelativeDir(("archived-app-4",))
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL: the job stops where it is; nothing after it runs."""
+
+
+class KilledAtDirRename(LocalSyscalls):
+    """Dies at the rename of the directory ``where`` itself (its records' rename goes through)."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def rename(
+        self, parent: int, src: str, dst_parent: int, dst: str, where: str, replace: bool
+    ) -> None:
+        if where == self.where:
+            raise _Killed(where)
+        super().rename(parent, src, dst_parent, dst, where, replace)
+
+
+@pytest.mark.parametrize(
+    ("stale", "expected"),
+    [
+        pytest.param(None, OWNER, id="records-moved-then-killed"),
+        # A record at the archive name made for another volume is stale, not this one's.
+        pytest.param(OTHER_VOLUME, None, id="stale-record-of-another-volume"),
+    ],
+)
+def test_an_archive_killed_between_its_two_renames_is_finished_by_the_retry(
+    storage: Storage, mount: Path, stale: Owner | None, expected: Owner | None
+) -> None:
+    rel = parse_relative("ns/app")
+    run(provision(storage, rel, DirOwner(), OWNER))
+    (mount / "ns" / "app" / "f").write_text("data")
+    if stale is None:
+        dying = Storage(mount, KilledAtDirRename("ns/app"), timeout=SLOW_OK, max_threads=1)
+        try:
+            with pytest.raises(_Killed):
+                run(dying.archive_dir(rel, OWNER.volume))
+        finally:
+            dying.close()
+        assert tree_of(mount) == ["ns", "ns/app", "ns/app/f"]
+        moved = mount / JOURNAL_DIR / "owners" / "dns" / "darchived-app" / RECORD
+        assert json.loads(moved.read_text())["volume"] == OWNER.volume
+    else:
+        # The records are lost instead (an admin removed them): only a stale one is there.
+        run(storage.record_owner(rel, stale))  # any existing directory will do to write it
+        (mount / "ns" / "archived-app").mkdir()
+        run(storage.record_owner(parse_relative("ns/archived-app"), stale))
+        (mount / "ns" / "archived-app").rmdir()
+        run(storage.inspect(rel))
+        (mount / JOURNAL_DIR / "owners" / "dns" / "dapp" / RECORD).unlink()
+    assert run(storage.archive_dir(rel, OWNER.volume)) == RelativeDir(("ns", "archived-app"))
+    assert tree_of(mount) == ["ns", "ns/archived-app", "ns/archived-app/f"]
+    assert run(storage.inspect(parse_relative("ns/archived-app"))).leaf_owner == expected
+    assert run(storage.inspect(rel)).leaf_owner is None
 
 
 class RacingSyscalls(LocalSyscalls):
