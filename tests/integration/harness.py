@@ -78,11 +78,16 @@ class Kube:
 
     def events(self, namespace: str | None, name: str) -> list[dict[str, Any]]:
         """Events about the object ``name``; namespace None searches every namespace, as
-        cluster-scoped objects (PVs) have their Events in "default"."""
+        cluster-scoped objects (PVs) have their Events in "default".
+
+        kube-controller-manager's binder (source ``persistentvolume-controller``) is left out:
+        when its informer has not seen a just-created StorageClass yet it posts a
+        ``ProvisioningFailed … not found`` of its own, which is not the provisioner's answer."""
         return [
             e
             for e in self.items("events", namespace)
             if e.get("involvedObject", {}).get("name") == name
+            and e.get("source", {}).get("component") != "persistentvolume-controller"
         ]
 
     def wait_event(self, namespace: str | None, name: str, reason: str, timeout: float = 60) -> str:
