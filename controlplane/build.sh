@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Builds kube-apiserver, kube-controller-manager and etcd from the pinned Go
-# modules in this directory into a cache outside the repository, keyed by
-# version. A binary that is already cached is not rebuilt.
+# Builds kube-apiserver, kube-controller-manager and etcd (and, on request,
+# kube-scheduler and kubelet for the e2e node) from the pinned Go modules in
+# this directory into a cache outside the repository, keyed by version. A
+# binary that is already cached is not rebuilt.
 #
 # usage: controlplane/build.sh [etcd] [kube-apiserver] [kube-controller-manager]
-#        (no argument: all three). Prints the cache's bin directory last.
+#                              [kube-scheduler] [kubelet]
+#        (no argument: etcd, kube-apiserver and kube-controller-manager, what
+#        `make test` needs). Prints the cache's bin directory last.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -41,10 +44,10 @@ for t in "${targets[@]}"; do
       echo "controlplane: building etcd $etcd_version" >&2
       (cd "$here" && go build -trimpath -ldflags "-s -w" -o "$bin_dir/etcd.tmp" go.etcd.io/etcd/server/v3)
       mv "$bin_dir/etcd.tmp" "$bin_dir/etcd" ;;
-    kube-apiserver|kube-controller-manager)
+    kube-apiserver|kube-controller-manager|kube-scheduler|kubelet)
       kube_pkgs+=("k8s.io/kubernetes/cmd/$t") ;;
     *)
-      echo "controlplane: unknown binary '$t'; expected etcd, kube-apiserver or kube-controller-manager" >&2
+      echo "controlplane: unknown binary '$t'; expected etcd, kube-apiserver, kube-controller-manager, kube-scheduler or kubelet" >&2
       exit 2 ;;
   esac
 done

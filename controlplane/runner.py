@@ -4,10 +4,16 @@ What: resolves the three binaries (``TEST_ASSET_*`` overrides, ``$KUBEBUILDER_AS
 version-keyed cache that ``controlplane/build.sh`` fills, building what is missing), then starts
 them on 127.0.0.1 with random free ports, their own CA and certificates, RBAC authorization and
 the persistent-volume controllers, waits for each to be healthy, restarts one on request (tests
-of clients that must reconnect) and stops them again.
+of clients that must reconnect) and stops them again. The *node profile* (``node=True``,
+``up --node``) is for ``make e2e``, where a real kubelet (``controlplane/node.py``) runs pods:
+it also turns on the ServiceAccount admission plugin and the token controllers (pods get
+in-cluster credentials), the workload controllers (Deployments, StatefulSets) and
+node-lifecycle (which lifts the not-ready taint), and starts kube-scheduler. Without it the
+control plane is exactly what the integration tests have always used.
 
 Who calls it: the ``control_plane`` pytest fixture (``tests/conftest.py``), the demo and the
-benchmarks (through :class:`ControlPlane`), and the Makefile's ``controlplane``, ``dev-cluster``
+benchmarks (through :class:`ControlPlane`), the real-node e2e test (``node=True``,
+``tests/e2e/test_node.py``), and the Makefile's ``controlplane``, ``dev-cluster``
 and ``dev-cluster-down`` targets (through ``python -m controlplane.runner``).
 
 What it must not do: import the provisioner (this is test infrastructure, never shipped);
@@ -58,11 +64,16 @@ LOOPBACK = "127.0.0.1"
 ETCD = "etcd"
 KUBE_APISERVER = "kube-apiserver"
 KUBE_CONTROLLER_MANAGER = "kube-controller-manager"
+KUBE_SCHEDULER = "kube-scheduler"
+KUBELET = "kubelet"
 COMPONENTS = (ETCD, KUBE_APISERVER, KUBE_CONTROLLER_MANAGER)
+NODE_COMPONENTS = (*COMPONENTS, KUBE_SCHEDULER)  # the control plane of the node profile
 ENV_OVERRIDES = {
     ETCD: "TEST_ASSET_ETCD",
     KUBE_APISERVER: "TEST_ASSET_KUBE_APISERVER",
     KUBE_CONTROLLER_MANAGER: "TEST_ASSET_KUBE_CONTROLLER_MANAGER",
+    KUBE_SCHEDULER: "TEST_ASSET_KUBE_SCHEDULER",
+    KUBELET: "TEST_ASSET_KUBELET",
 }
 
 SERVICE_CLUSTER_IP_RANGE = "10.0.0.0/24"
@@ -78,6 +89,21 @@ KCM_CONTROLLERS = (
     # Tests delete their namespaces; without these two, deletion hangs in Terminating.
     "namespace-controller",
     "garbage-collector-controller",
+)
+# Added by the node profile, for pods on a real kubelet.
+NODE_KCM_CONTROLLERS = (
+    # In-cluster credentials: the `default` ServiceAccount of each namespace, the
+    # kube-root-ca.crt ConfigMap the projected token volume mounts, and (legacy) token Secrets.
+    "serviceaccount-controller",
+    "serviceaccount-token-controller",
+    "root-ca-certificate-publisher-controller",
+    # Workloads: the provisioner ships as a Deployment; tests may use StatefulSets' claims.
+    "deployment-controller",
+    "replicaset-controller",
+    "statefulset-controller",
+    # Lifts node.kubernetes.io/not-ready:NoSchedule once the kubelet reports Ready, so the
+    # scheduler places pods (the kubelet registers with that taint).
+    "node-lifecycle-controller",
 )
 
 HEALTH_TIMEOUT = 60.0  # seconds, per component
@@ -96,18 +122,27 @@ _PR_SET_PDEATHSIG = 1
 
 @dataclass(frozen=True)
 class Binaries:
-    """Paths of the three control-plane executables."""
+    """Paths of the control-plane executables (kube-scheduler only for the node profile)."""
 
     etcd: Path
     kube_apiserver: Path
     kube_controller_manager: Path
+    kube_scheduler: Path | None = None
 
     def path(self, component: str) -> Path:
-        return {
+        found = {
             ETCD: self.etcd,
             KUBE_APISERVER: self.kube_apiserver,
             KUBE_CONTROLLER_MANAGER: self.kube_controller_manager,
+            KUBE_SCHEDULER: self.kube_scheduler,
         }[component]
+        if found is None:
+            raise BinariesNotFoundError(f"no {component} binary was resolved")
+        return found
+
+    def as_dict(self) -> dict[str, str]:
+        """Name -> path of the binaries that are set (for state.json)."""
+        return {k: str(v) for k, v in asdict(self).items() if v is not None}
 
 
 class BinariesNotFoundError(RuntimeError):
@@ -140,9 +175,11 @@ def cache_bin_dir(environ: Mapping[str, str] | None = None, go_mod: Path = GO_MO
 
 
 def find_binaries(
-    environ: Mapping[str, str] | None = None, go_mod: Path = GO_MOD
+    environ: Mapping[str, str] | None = None,
+    go_mod: Path = GO_MOD,
+    names: Sequence[str] = COMPONENTS,
 ) -> tuple[dict[str, Path], list[str]]:
-    """Look the binaries up without building: (found name -> path, missing names).
+    """Look the binaries ``names`` up without building: (found name -> path, missing names).
 
     Order per binary: its ``TEST_ASSET_*`` variable (which must then name a file), then
     ``$KUBEBUILDER_ASSETS/<name>``, then build.sh's cache directory.
@@ -152,7 +189,7 @@ def find_binaries(
     cache = cache_bin_dir(env, go_mod)
     found: dict[str, Path] = {}
     missing: list[str] = []
-    for name in COMPONENTS:
+    for name in names:
         override = env.get(ENV_OVERRIDES[name])
         if override:
             if not Path(override).is_file():
@@ -200,15 +237,21 @@ def run_build_script(names: Sequence[str]) -> Path:
     return Path(last) if last else bin_dir
 
 
-def resolve_binaries(build: bool = True) -> Binaries:
-    """Find etcd, kube-apiserver and kube-controller-manager; build the missing ones if asked."""
-    found, missing = find_binaries()
+def resolve_paths(names: Sequence[str], build: bool = True) -> dict[str, Path]:
+    """Find the binaries ``names`` (see :func:`find_binaries`); build the missing ones if asked."""
+    found, missing = find_binaries(names=names)
     if missing and not build:
+        hint = (
+            f"`controlplane/build.sh {' '.join(missing)}`"
+            if set(missing) - set(COMPONENTS)
+            else "`make controlplane` (controlplane/build.sh"
+            + "; a cold build takes tens of minutes)"
+        )
         raise BinariesNotFoundError(
             f"control-plane binaries not found: {', '.join(missing)} (looked at "
             f"{', '.join(ENV_OVERRIDES[n] for n in missing)}, $KUBEBUILDER_ASSETS and "
-            f"{cache_bin_dir()}). Build them with `make controlplane` (controlplane/build.sh; "
-            "a cold build takes tens of minutes) or point those variables at existing binaries."
+            f"{cache_bin_dir()}). Build them with {hint} or point those variables at "
+            "existing binaries."
         )
     if missing:
         bin_dir = run_build_script(missing)
@@ -218,10 +261,18 @@ def resolve_binaries(build: bool = True) -> Binaries:
                     f"{BUILD_SCRIPT} finished but {bin_dir / name} is missing"
                 )
             found[name] = bin_dir / name
+    return found
+
+
+def resolve_binaries(build: bool = True, *, node: bool = False) -> Binaries:
+    """Find etcd, kube-apiserver, kube-controller-manager (and, for the node profile,
+    kube-scheduler); build the missing ones if asked."""
+    found = resolve_paths(NODE_COMPONENTS if node else COMPONENTS, build)
     return Binaries(
         etcd=found[ETCD],
         kube_apiserver=found[KUBE_APISERVER],
         kube_controller_manager=found[KUBE_CONTROLLER_MANAGER],
+        kube_scheduler=found.get(KUBE_SCHEDULER),
     )
 
 
@@ -357,11 +408,15 @@ def apiserver_args(
     cert_dir: Path,
     pki: Pki,
     audit: tuple[Path, Path] | None = None,
+    service_accounts: bool = False,
 ) -> list[str]:
     """kube-apiserver's flags: loopback, own certs, RBAC, default admission minus ServiceAccount.
 
     ``audit`` is ``(policy file, log file)``: an audit log of JSON lines, one per request stage
     the policy keeps (the RBAC test records what the provisioner calls). Off by default.
+    ``service_accounts`` (the node profile) keeps the ServiceAccount admission plugin on, so
+    pods get a ServiceAccount and its projected token; the controller manager must then run
+    the serviceaccount controllers, or pods are refused until a `default` SA exists.
     """
     audit_args = (
         [
@@ -391,21 +446,39 @@ def apiserver_args(
         "--endpoint-reconciler-type=none",
         # The default plugin set stays on (DefaultStorageClass, StorageObjectInUseProtection, ...);
         # ServiceAccount goes because no serviceaccount controller creates `default` SAs.
-        "--disable-admission-plugins=ServiceAccount",
+        *([] if service_accounts else ["--disable-admission-plugins=ServiceAccount"]),
         *audit_args,
     ]
 
 
-def controller_manager_args(*, kubeconfig: Path, secure_port: int, cert_dir: Path) -> list[str]:
+def controller_manager_args(
+    *,
+    kubeconfig: Path,
+    secure_port: int,
+    cert_dir: Path,
+    node_pki: Pki | None = None,
+) -> list[str]:
     """kube-controller-manager's flags: the PV controllers (+ namespace/GC), no leader election.
 
     No --authentication/authorization-kubeconfig: only /healthz is probed and it is always
     allowed; with them, the lookup of a requestheader CA this apiserver does not have logs an
     error many times a second.
+
+    ``node_pki`` (the node profile) adds :data:`NODE_KCM_CONTROLLERS` and the keys the token
+    controller signs with and the CA it publishes.
     """
+    controllers = KCM_CONTROLLERS if node_pki is None else (*KCM_CONTROLLERS, *NODE_KCM_CONTROLLERS)
+    node_args = (
+        []
+        if node_pki is None
+        else [
+            f"--service-account-private-key-file={node_pki.sa_key}",
+            f"--root-ca-file={node_pki.ca_cert}",
+        ]
+    )
     return [
         f"--kubeconfig={kubeconfig}",
-        f"--controllers={','.join(KCM_CONTROLLERS)}",
+        f"--controllers={','.join(controllers)}",
         "--leader-elect=false",
         "--use-service-account-credentials=false",
         f"--bind-address={LOOPBACK}",
@@ -414,6 +487,22 @@ def controller_manager_args(*, kubeconfig: Path, secure_port: int, cert_dir: Pat
         # Default 15s. The binder is event-driven, but a claim whose PV arrives while a sync is
         # in flight waits for the next resync; 1s keeps tests and benchmarks from waiting on it.
         "--pvclaimbinder-sync-period=1s",
+        *node_args,
+    ]
+
+
+def scheduler_args(*, kubeconfig: Path, secure_port: int, cert_dir: Path) -> list[str]:
+    """kube-scheduler's flags (node profile): the admin kubeconfig, loopback, no leader election.
+
+    Like the controller manager, no --authentication/authorization-kubeconfig: /healthz is
+    always allowed and is all that is probed.
+    """
+    return [
+        f"--kubeconfig={kubeconfig}",
+        "--leader-elect=false",
+        f"--bind-address={LOOPBACK}",
+        f"--secure-port={secure_port}",
+        f"--cert-dir={cert_dir}",
     ]
 
 
@@ -587,8 +676,9 @@ def apiserver_ready(port: int, pki: Pki) -> bool:
 
 
 def controller_manager_healthy(port: int) -> bool:
-    # kube-controller-manager serves a self-signed certificate it generates itself; this probe
-    # (and only this one) skips verification. It reads nothing but the status code.
+    # kube-controller-manager (and kube-scheduler) serve a self-signed certificate they
+    # generate themselves; this probe (and only this one) skips verification. It reads nothing
+    # but the status code.
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
@@ -729,6 +819,9 @@ class _Plan:
 class ControlPlane:
     """etcd + kube-apiserver + kube-controller-manager under ``state_dir``.
 
+    ``node=True`` is the profile for a real kubelet (see the module docstring): it needs
+    ``binaries.kube_scheduler`` and also starts kube-scheduler.
+
     ``detach=True`` (the CLI's ``up``) leaves the processes running when this Python process
     exits; otherwise (tests) Linux SIGKILLs them if it dies without calling :meth:`stop`.
     The parent-death signal follows the thread that called :meth:`start`: call it from a
@@ -743,9 +836,15 @@ class ControlPlane:
         detach: bool = False,
         health_timeout: float = HEALTH_TIMEOUT,
         audit_policy: Path | None = None,
+        node: bool = False,
     ) -> None:
+        if node and binaries.kube_scheduler is None:
+            raise ValueError("the node profile needs binaries.kube_scheduler")
         self.state_dir = Path(state_dir).absolute()
         self.binaries = binaries
+        self.node = node
+        self.components = NODE_COMPONENTS if node else COMPONENTS
+        """The components this control plane starts, in start order."""
         self.detach = detach
         self.health_timeout = health_timeout
         self.log_dir = self.state_dir / "logs"
@@ -781,10 +880,11 @@ class ControlPlane:
 
     def is_running(self) -> bool:
         """Every component it started is still alive."""
-        return len(self._records) == len(COMPONENTS) and all(map(_is_running, self._records))
+        return len(self._records) == len(self.components) and all(map(_is_running, self._records))
 
     def start(self) -> None:
-        """Start etcd, kube-apiserver, kube-controller-manager; each must be healthy in time.
+        """Start etcd, kube-apiserver, kube-controller-manager (and kube-scheduler for the
+        node profile); each must be healthy in time.
 
         On failure everything started so far is stopped and RuntimeError names the component
         and carries the tail of its log.
@@ -806,7 +906,9 @@ class ControlPlane:
             self._server = f"https://{LOOPBACK}:{apiserver.ports['apiserver']}"
             self._write_admin_kubeconfig(pki)
             self._write_state()
-            self._launch(KUBE_CONTROLLER_MANAGER, self._plan_controller_manager)
+            self._launch(KUBE_CONTROLLER_MANAGER, lambda: self._plan_controller_manager(pki))
+            if self.node:
+                self._launch(KUBE_SCHEDULER, self._plan_scheduler)
             self._write_state()
         except BaseException:
             with contextlib.suppress(Exception):
@@ -847,8 +949,10 @@ class ControlPlane:
         command lines). If the new process is not healthy in time it is stopped too and
         RuntimeError carries the tail of its log.
         """
-        if component not in COMPONENTS:
-            raise ValueError(f"unknown component {component!r}; one of {', '.join(COMPONENTS)}")
+        if component not in self.components:
+            raise ValueError(
+                f"unknown component {component!r}; one of {', '.join(self.components)}"
+            )
         index = next((i for i, r in enumerate(self._records) if r.component == component), None)
         plan = self._plans.get(component)
         if index is None or plan is None:
@@ -903,7 +1007,7 @@ class ControlPlane:
     def logs_tail(self, lines: int = 40) -> str:
         """The last ``lines`` lines of every component's log, each under a labelled header."""
         parts = []
-        for component in COMPONENTS:
+        for component in self.components:
             path = self.log_dir / f"{component}.log"
             if path.exists():
                 body = "\n".join(tail_lines(path, lines)) or "(empty)"
@@ -916,7 +1020,12 @@ class ControlPlane:
         path = Path(state_dir).absolute() / STATE_FILE
         state = json.loads(path.read_text(encoding="utf-8"))
         binaries = Binaries(**{k: Path(v) for k, v in state["binaries"].items()})
-        plane = cls(Path(state_dir), binaries, detach=bool(state.get("detach", True)))
+        plane = cls(
+            Path(state_dir),
+            binaries,
+            detach=bool(state.get("detach", True)),
+            node=bool(state.get("node", False)),
+        )
         plane._server = state.get("server")
         plane.ports = {k: int(v) for k, v in state.get("ports", {}).items()}
         data_dir = state.get("etcd_data_dir")
@@ -960,6 +1069,7 @@ class ControlPlane:
             cert_dir=self.certs_dir / KUBE_APISERVER,
             pki=pki,
             audit=audit,
+            service_accounts=self.node,
         )
         return _Plan(
             [str(self.binaries.kube_apiserver), *args],
@@ -967,17 +1077,31 @@ class ControlPlane:
             {"apiserver": port},
         )
 
-    def _plan_controller_manager(self) -> _Plan:
+    def _plan_controller_manager(self, pki: Pki) -> _Plan:
         port = free_port()
         args = controller_manager_args(
             kubeconfig=self.admin_kubeconfig,
             secure_port=port,
             cert_dir=self.certs_dir / KUBE_CONTROLLER_MANAGER,
+            node_pki=pki if self.node else None,
         )
         return _Plan(
             [str(self.binaries.kube_controller_manager), *args],
             lambda: controller_manager_healthy(port),
             {"controller_manager": port},
+        )
+
+    def _plan_scheduler(self) -> _Plan:
+        port = free_port()
+        args = scheduler_args(
+            kubeconfig=self.admin_kubeconfig,
+            secure_port=port,
+            cert_dir=self.certs_dir / KUBE_SCHEDULER,
+        )
+        return _Plan(
+            [str(self.binaries.path(KUBE_SCHEDULER)), *args],
+            lambda: controller_manager_healthy(port),
+            {"scheduler": port},
         )
 
     def _launch(self, component: str, plan: Callable[[], _Plan]) -> _Plan:
@@ -1063,7 +1187,8 @@ class ControlPlane:
             "ports": self.ports,
             "etcd_data_dir": str(self._etcd_data_dir) if self._etcd_data_dir else None,
             "detach": self.detach,
-            "binaries": {k: str(v) for k, v in asdict(self.binaries).items()},
+            "binaries": self.binaries.as_dict(),
+            "node": self.node,
             "processes": [asdict(r) for r in self._records],
             "kubeconfig": str(self.admin_kubeconfig),
             "log_dir": str(self.log_dir),
@@ -1089,11 +1214,19 @@ def _cmd_up(args: argparse.Namespace) -> int:
         existing = ControlPlane.from_state(state_dir)
         if existing.is_running():
             print(f"controlplane: already running at {existing.server}", file=sys.stderr)
+            if existing.node != args.node:
+                profile = "the node profile" if existing.node else "the default profile"
+                print(
+                    f"controlplane: note: it runs {profile}; `down` first to change",
+                    file=sys.stderr,
+                )
             print(f"export KUBECONFIG={existing.admin_kubeconfig}")
             return 0
         print("controlplane: cleaning up a stale control plane", file=sys.stderr)
         existing.stop()
-    plane = ControlPlane(state_dir, resolve_binaries(build=True), detach=True)
+    plane = ControlPlane(
+        state_dir, resolve_binaries(build=True, node=args.node), detach=True, node=args.node
+    )
     try:
         plane.start()
     except RuntimeError as exc:
@@ -1136,6 +1269,12 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("binaries", help="resolve (building if needed) and print the binaries")
     up = sub.add_parser("up", help="start detached; print `export KUBECONFIG=...`")
     up.add_argument("--state", required=True, help="state directory (kubeconfig, logs, pids)")
+    up.add_argument(
+        "--node",
+        action="store_true",
+        help="node profile for a real kubelet: ServiceAccount admission and token controllers, "
+        "workload and node-lifecycle controllers, kube-scheduler",
+    )
     down = sub.add_parser("down", help="stop what `up` started and remove its state")
     down.add_argument("--state", required=True, help="the directory given to `up`")
     return parser
