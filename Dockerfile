@@ -1,14 +1,23 @@
-# syntax=docker/dockerfile:1
-# The nfs-provisioner image: `docker build -t nfs-provisioner:0.1.0 .` (manifests/deployment.yaml
-# uses that name as a placeholder). Two stages: the first builds wheels of the package and of
-# every dependency; the second installs them from those wheels alone (no network, no compiler,
-# no source tree in the final image) and runs `nfs-provisioner` as a non-root user.
+# The nfs-provisioner image: `DOCKER_BUILDKIT=1 docker build -t nfs-provisioner:0.1.0 .`
+# (manifests/deployment.yaml uses that name as a placeholder). Two stages: the first builds
+# wheels of the package and of every dependency; the second installs them from those wheels
+# alone (no network, no compiler, no source tree in the final image) and runs `nfs-provisioner`
+# as a non-root user.
+#
+# BuildKit is required (`RUN --mount`): it is the default from Docker 23; on Docker 20.10 set
+# DOCKER_BUILDKIT=1. There is deliberately no `# syntax=docker/dockerfile:1` line: it makes
+# BuildKit pull a frontend image from Docker Hub, which fails where no registry is reachable;
+# the frontend built into Docker 20.10 and later understands everything used here.
 #
 # Base image: pinned to the Python minor version and Debian release the package is tested with.
 # For reproducible builds pin it by digest too, e.g.
 #   docker buildx imagetools inspect python:3.11-slim-bookworm   # prints the current digest
 #   docker build --build-arg PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:<digest> .
 # (The digest is not written here because it could not be looked up where this file was made.)
+# Without a registry, `python -m controlplane.images build` makes an equivalent base with
+# debootstrap (local/python:3.11-slim-bookworm, with the host's CA bundle and pip index in its
+# environment) and passes it here as PYTHON_IMAGE. Any base works that has `pip` on PATH,
+# lets root `pip install` (no PEP 668 marker) and can reach a package index for the first stage.
 # Dependency versions are the exact ones the tests passed with (constraints.txt, see its header).
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 

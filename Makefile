@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 N ?= 500
 
-.PHONY: setup lock lint fmt test unit integration controlplane dev-cluster dev-cluster-down bench demo image e2e-kind clean
+.PHONY: setup lock lint fmt test unit integration controlplane dev-cluster dev-cluster-down bench demo image image-local e2e-kind clean
 
 setup: $(STAMP)
 
@@ -62,11 +62,16 @@ bench: controlplane
 demo: controlplane
 	$(PY) -m controlplane.demo
 
+# Needs BuildKit (default from Docker 23; DOCKER_BUILDKIT=1 on 20.10). No registry reachable:
+# `make image-local` (root) builds the same Dockerfile on a debootstrapped base.
 image:
-	docker build -t nfs-provisioner:0.1.0 .
+	DOCKER_BUILDKIT=1 docker build -t nfs-provisioner:0.1.0 .
+
+image-local: setup
+	$(PY) -m controlplane.images build --state .image
 
 e2e-kind:
 	tests/e2e/kind.sh
 
 clean: dev-cluster-down
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info .image
