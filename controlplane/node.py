@@ -46,6 +46,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -59,7 +60,10 @@ import yaml
 
 from controlplane.runner import (
     KUBELET,
+    KUBERNETES_SERVICE_IP,
+    KUBERNETES_SERVICE_PORT,
     LOOPBACK,
+    SERVICE_CLUSTER_IP_RANGE,
     ProcessRecord,
     _die_with_parent,
     _http_status,
@@ -74,11 +78,16 @@ from controlplane.runner import (
 
 NODE_NAME = "localhost"  # --hostname-override: the apiserver then dials "localhost" for logs
 BRIDGE = "nfsp-e2e0"
+SERVICE_LINK = "nfsp-e2e-svc"
+"""A port-less bridge holding the ``kubernetes`` Service's ClusterIP as a local address (the
+CNI bridge plugin refuses a bridge with an address it did not set; no dummy links here)."""
 CNI_NETWORK = "nfsp-e2e"
 POD_SUBNET = "10.244.0.0/24"
 K8S_NAMESPACE = "k8s.io"  # containerd namespace of the CRI plugin
 PAUSE_IMAGE = "docker.io/local/pause:3.10"
 BUSYBOX_IMAGE = "docker.io/local/busybox:latest"
+SEEDS_BUSYBOX_IMAGE = "docker.io/library/busybox:1.36"  # what the seeds' test-pod names
+SERVICE_PROXY = "service-proxy"
 """Pods refer to it as ``local/busybox:latest`` with ``imagePullPolicy: Never``."""
 BUSYBOX_BINARY = Path("/bin/busybox")  # Debian busybox-static
 PAUSE_COMMAND = ("sleep", "2147483647")
@@ -277,8 +286,9 @@ def containerd_config(default: str, layout: NodeLayout) -> str:
 def cni_conflist(layout: NodeLayout) -> dict[str, Any]:
     """One bridge network with host-local IPAM on :data:`POD_SUBNET`, IP data under state.
 
-    No masquerading and no routes: pods reach their subnet only (the apiserver listens on
-    the host's loopback anyway); nothing is added to iptables.
+    No masquerading and one route: the service range, through the bridge (the gateway), where
+    the node answers for the ``kubernetes`` Service (``controlplane.service_proxy``); nothing
+    is added to iptables.
     """
     return {
         "cniVersion": "1.0.0",
@@ -293,7 +303,7 @@ def cni_conflist(layout: NodeLayout) -> dict[str, Any]:
                 "ipam": {
                     "type": "host-local",
                     "ranges": [[{"subnet": POD_SUBNET}]],
-                    "routes": [],
+                    "routes": [{"dst": SERVICE_CLUSTER_IP_RANGE}],
                     "dataDir": str(layout.cni_ipam_dir),
                 },
             }
@@ -589,7 +599,9 @@ def node_scope(state: HostState, owner: Path, bridge: str = BRIDGE) -> HostState
 
     def our_link(entry: str) -> bool:
         name, _, master = entry.partition(" master=")
-        return bridge in {name, master} or (name.startswith("veth") and not master)
+        return bool({bridge, SERVICE_LINK} & {name, master}) or (
+            name.startswith("veth") and not master
+        )
 
     def our_rule(line: str) -> bool:
         return any(mark in line for mark in NODE_IPTABLES_MARKS)
@@ -807,8 +819,9 @@ def _remove_netns_and_links(before: HostState, bridge: str) -> None:
         master = net / link / "master"
         if master.exists() and master.resolve().name == bridge:
             _run(["ip", "link", "delete", link])
-    if bridge not in {link_name(entry) for entry in before.links} and (net / bridge).exists():
-        _run(["ip", "link", "delete", bridge])
+    for ours in (bridge, SERVICE_LINK):
+        if ours not in {link_name(entry) for entry in before.links} and (net / ours).exists():
+            _run(["ip", "link", "delete", ours])
 
 
 def _restore_sysctls(before: HostState) -> None:
@@ -933,12 +946,18 @@ class Node:
         kubelet: Path | None = None,
         start_timeout: float = START_TIMEOUT,
         detach: bool = False,
+        apiserver_port: int | None = None,
+        path_prefix: Path | None = None,
     ) -> None:
         self.layout = NodeLayout(Path(state_dir).absolute())
         self.detach = detach
         self.kubeconfig = Path(kubeconfig).absolute()
         self.kubelet_binary = kubelet
         self.start_timeout = start_timeout
+        self.apiserver_port = apiserver_port
+        """When set, pods reach kube-apiserver (127.0.0.1:port) as the ``kubernetes`` Service."""
+        self.path_prefix = path_prefix
+        """A directory put first in the kubelet's PATH (the ``mount`` wrapper for ``nfs:``)."""
         self.host_before: HostState | None = None
         """The host as :meth:`start` found it; :meth:`stop` restores it."""
         self.timings: dict[str, float] = {}
@@ -972,6 +991,8 @@ class Node:
         self._write_state()
         try:
             self._step("containerd", self._start_containerd)
+            if self.apiserver_port is not None:
+                self._step("service", self._start_service_proxy)
             self._step("images", self._import_images)
             self._step("kubelet", lambda: self._start_kubelet(kubelet))
             self._step("ready", self._wait_ready)
@@ -994,6 +1015,7 @@ class Node:
                     self._remove_containers()
                 self._stop_component(CONTAINERD)
                 self._kill_leftover_shims()
+                self._stop_component(SERVICE_PROXY)
         finally:
             self._records = []
             self._children = {}
@@ -1063,7 +1085,9 @@ class Node:
         action()
         self.timings[name] = time.monotonic() - began
 
-    def _spawn(self, component: str, argv: list[str]) -> subprocess.Popen[bytes]:
+    def _spawn(
+        self, component: str, argv: list[str], env: Mapping[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         log = self.layout.log_dir / f"{component}.log"
         with log.open("ab") as out:
             stamp = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
@@ -1075,6 +1099,7 @@ class Node:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=self.layout.state,
+                env=None if env is None else dict(env),
                 start_new_session=True,
                 preexec_fn=None if self.detach else _die_with_parent(),  # noqa: PLW1509
             )
@@ -1154,11 +1179,41 @@ class Node:
             lambda: self.layout.containerd_socket.exists() and self.ctr("version").returncode == 0,
         )
 
+    def _start_service_proxy(self) -> None:
+        """Make the ``kubernetes`` Service answer: its ClusterIP as a local address of a link
+        of ours (pods reach it through their gateway, the CNI bridge) and a forwarder to the
+        apiserver. Both go with the link and the process on the way down."""
+        for argv in (
+            ["ip", "link", "add", SERVICE_LINK, "type", "bridge"],
+            ["ip", "link", "set", SERVICE_LINK, "up"],
+            ["ip", "addr", "add", f"{KUBERNETES_SERVICE_IP}/32", "dev", SERVICE_LINK],
+        ):
+            result = _run(argv)
+            if result.returncode != 0:
+                raise RuntimeError(f"node: {' '.join(argv)} failed: {result.stderr.strip()}")
+        listen = f"{KUBERNETES_SERVICE_IP}:{KUBERNETES_SERVICE_PORT}"
+        self._spawn(
+            SERVICE_PROXY,
+            [
+                sys.executable,
+                "-m",
+                "controlplane.service_proxy",
+                f"--listen={listen}",
+                f"--to={LOOPBACK}:{self.apiserver_port}",
+            ],
+            {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+        )
+        self._wait(
+            "waiting for the service proxy",
+            SERVICE_PROXY,
+            lambda: _accepts(KUBERNETES_SERVICE_IP, KUBERNETES_SERVICE_PORT),
+        )
+
     def _import_images(self) -> None:
         archive = write_image_archive(
             self.layout.images_dir / "local-images.tar",
             busybox_layer(),
-            {PAUSE_IMAGE: PAUSE_COMMAND, BUSYBOX_IMAGE: ("sh",)},
+            {PAUSE_IMAGE: PAUSE_COMMAND, BUSYBOX_IMAGE: ("sh",), SEEDS_BUSYBOX_IMAGE: ("sh",)},
         )
         result = self.ctr("images", "import", str(archive))
         if result.returncode != 0:
@@ -1172,7 +1227,10 @@ class Node:
             yaml.safe_dump(kubelet_config(self.layout, self.ports), sort_keys=False),
             encoding="utf-8",
         )
-        self._spawn(KUBELET, [str(kubelet), *kubelet_args(self.layout, self.kubeconfig)])
+        env = dict(os.environ)
+        if self.path_prefix is not None:
+            env["PATH"] = f"{self.path_prefix}:{env.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"
+        self._spawn(KUBELET, [str(kubelet), *kubelet_args(self.layout, self.kubeconfig)], env)
         port = self.ports.healthz
         self._wait(
             "waiting for the kubelet's /healthz",
@@ -1241,6 +1299,14 @@ class Node:
                     record = ProcessRecord("containerd-shim", int(entry.name), stat[1])
                     with contextlib.suppress(RuntimeError):
                         stop_processes([record], grace=5)
+
+
+def _accepts(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
 
 
 def kubelet_binary(build: bool = False) -> Path:

@@ -77,6 +77,8 @@ ENV_OVERRIDES = {
 }
 
 SERVICE_CLUSTER_IP_RANGE = "10.0.0.0/24"
+KUBERNETES_SERVICE_IP = "10.0.0.1"  # the `kubernetes` Service: the range's first address
+KUBERNETES_SERVICE_PORT = 443
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 CLUSTER_NAME = "nfs-provisioner-test"
 ADMIN_USER = "admin"
@@ -604,7 +606,14 @@ def generate_pki(directory: Path) -> Pki:
         ca_name,
         ca_key,
         usage=ExtendedKeyUsageOID.SERVER_AUTH,
-        sans=[x509.IPAddress(ipaddress.ip_address(LOOPBACK)), x509.DNSName("localhost")],
+        # The ClusterIP too: pods of the e2e node reach the apiserver through the `kubernetes`
+        # Service (controlplane/service_proxy.py) and verify the name they dialled.
+        sans=[
+            x509.IPAddress(ipaddress.ip_address(LOOPBACK)),
+            x509.IPAddress(ipaddress.ip_address(KUBERNETES_SERVICE_IP)),
+            x509.DNSName("localhost"),
+            x509.DNSName("kubernetes.default.svc"),
+        ],
     )
 
     admin_key = ec.generate_private_key(ec.SECP256R1())

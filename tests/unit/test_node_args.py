@@ -269,7 +269,8 @@ def test_cni_is_one_bridge_with_host_local_ipam_under_state_and_no_masquerade() 
     ipam = bridge["ipam"]
     assert ipam["type"] == "host-local"
     assert ipam["ranges"] == [[{"subnet": "10.244.0.0/24"}]]
-    assert ipam["routes"] == []
+    # Only the service range leaves the subnet: the node answers for the `kubernetes` Service.
+    assert ipam["routes"] == [{"dst": "10.0.0.0/24"}]
     assert ipam["dataDir"] == "/state/node/cni/ipam"
     json.dumps(conf)
 

@@ -427,8 +427,12 @@ def test_generated_pki(tmp_path: Path) -> None:
         assert cert.issuer == ca.subject
         cert.verify_directly_issued_by(ca)
     sans = serving.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
-    assert sans.get_values_for_type(x509.DNSName) == ["localhost"]
+    # Loopback for the host's clients, the `kubernetes` Service for pods of the e2e node.
+    assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == [
+        "127.0.0.1",
+        "10.0.0.1",
+    ]
+    assert sans.get_values_for_type(x509.DNSName) == ["localhost", "kubernetes.default.svc"]
     assert (
         ExtendedKeyUsageOID.SERVER_AUTH
         in serving.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
