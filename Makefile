@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 N ?= 500
 
-.PHONY: setup lock lint fmt test unit integration controlplane dev-cluster dev-cluster-down bench demo image image-local e2e-kind clean
+.PHONY: setup lock lint fmt test unit integration controlplane dev-cluster dev-cluster-down bench demo image image-local e2e e2e-kind clean
 
 setup: $(STAMP)
 
@@ -69,6 +69,24 @@ image:
 
 image-local: setup
 	$(PY) -m controlplane.images build --state .image
+
+# What make e2e needs from Debian (real-node.md): nfs-ganesha (user-space NFS server), libnfs and
+# FUSE (the user-space NFS client the kubelet mounts with), docker.io (image builds only),
+# containerd/runc/CNI plugins (the node), debootstrap and busybox-static (local base images).
+E2E_PACKAGES := nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-dev libnfs-utils fuse3 libfuse3-dev \
+	docker.io containerd runc containernetworking-plugins debootstrap busybox-static iptables
+
+# Root only. Installs the packages (only when one is missing), the e2e extra, builds kubelet and
+# kube-scheduler next to the cached control plane, then runs tests/e2e on a one-node cluster
+# that it starts and takes down again (the last check: the host is as it was).
+e2e: controlplane
+	@test "$$(id -u)" = 0 || { echo "make e2e: run as root (containerd, kubelet, mounts, NFS server)" >&2; exit 1; }
+	test "$$(dpkg-query -W -f='$${db:Status-Abbrev}\n' $(E2E_PACKAGES) 2>/dev/null | grep -c '^ii')" = $(words $(E2E_PACKAGES)) || { \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(E2E_PACKAGES) || { \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(E2E_PACKAGES); }; }
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[e2e]'
+	controlplane/build.sh kubelet kube-scheduler
+	$(PY) -m pytest tests/e2e
 
 e2e-kind:
 	tests/e2e/kind.sh
