@@ -20,6 +20,12 @@ from tests.e2e.cluster import NFS_SERVER, REPO, E2ECluster, start_cluster
 PROVISIONER_NAMESPACE = "nfs-provisioner"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The scenarios on the shared cluster run after the tests that start their own parts
+    (test_image, test_nfs_standin, test_node): one node at a time fits on a host."""
+    items.sort(key=lambda item: "shared_cluster" in getattr(item, "fixturenames", ()))
+
+
 def require_root() -> None:
     if os.geteuid() != 0:
         pytest.fail(
@@ -30,7 +36,7 @@ def require_root() -> None:
 
 
 @pytest.fixture(scope="session")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2ECluster]:
+def shared_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2ECluster]:
     require_root()
     started = start_cluster(tmp_path_factory.mktemp("e2e"))
     print(f"e2e cluster up: {started.timings}")
@@ -102,7 +108,7 @@ def install(cluster: E2ECluster, export: Export) -> None:
 
 
 @pytest.fixture(scope="session")
-def seeds_provisioner(cluster: E2ECluster) -> E2ECluster:
+def seeds_provisioner(shared_cluster: E2ECluster) -> E2ECluster:
     """The provisioner as shipped, on the seeds' export (root-owned 0755, no_root_squash)."""
-    install(cluster, cluster.nfs.seeds)
-    return cluster
+    install(shared_cluster, shared_cluster.nfs.seeds)
+    return shared_cluster
