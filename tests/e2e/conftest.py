@@ -91,7 +91,8 @@ patches:
 
 
 def install(cluster: E2ECluster, export: Export) -> None:
-    """``kubectl apply -k`` the overlay and wait until the provisioner is available."""
+    """``kubectl apply -k`` the overlay and wait until the provisioner runs on ``export``
+    alone: rolled out, and no pod of an earlier template left (not even terminating)."""
     directory = overlay(
         cluster.state / f"overlay{export.pseudo.replace('/', '-')}", export, cluster.image
     )
@@ -105,6 +106,19 @@ def install(cluster: E2ECluster, export: Export) -> None:
         "--timeout=180s",
         timeout=200,
     )
+
+    def only_pods_on_export() -> bool:
+        pods = cluster.get("pods", "-n", PROVISIONER_NAMESPACE)
+        assert pods is not None
+        paths = [
+            volume["nfs"]["path"]
+            for pod in pods["items"]
+            for volume in pod["spec"]["volumes"]
+            if "nfs" in volume
+        ]
+        return bool(paths) and set(paths) == {export.pseudo}
+
+    cluster.wait(f"only provisioner pods on {export.pseudo} to be left", only_pods_on_export)
 
 
 @pytest.fixture(scope="session")

@@ -239,8 +239,9 @@ def test_the_documented_non_root_variant_works_on_a_root_squash_export(
         assert (directory.parent / f"archived-{directory.name}" / "file").read_text() == "hi\n"
     finally:
         cluster.kubectl("delete", "namespace", namespace, "--wait=false")
-        # The overlay does not carry the patch: applying it alone would leave the variant.
+        # The overlay does not carry the patch, so applying it would keep the variant: the
+        # Deployment is made again from the overlay alone, exactly as shipped.
         cluster.kubectl(
-            "rollout", "undo", "-n", PROVISIONER_NAMESPACE, "deployment/nfs-provisioner"
+            "delete", "-n", PROVISIONER_NAMESPACE, "deployment/nfs-provisioner", "--wait=true"
         )
         install(cluster, cluster.nfs.seeds)
