@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime
 import hashlib
 import io
 import json
@@ -65,13 +64,13 @@ from controlplane.runner import (
     LOOPBACK,
     SERVICE_CLUSTER_IP_RANGE,
     ProcessRecord,
-    _die_with_parent,
     _http_status,
     _is_running,
     _proc_stat,
     free_ports,
     kubectl_binary,
     resolve_paths,
+    spawn_logged,
     stop_processes,
     tail_lines,
 )
@@ -737,7 +736,7 @@ def capture_host_state(owner: Path | None = None) -> HostState:
     )
 
 
-def _unmount_under(prefixes: Sequence[Path | str], keep: Iterable[str] = ()) -> list[str]:
+def unmount_under(prefixes: Sequence[Path | str], keep: Iterable[str] = ()) -> list[str]:
     """Unmount every mount at or below one of ``prefixes`` (deepest first), except ``keep``."""
     kept = set(keep)
     roots = [str(p).rstrip("/") for p in prefixes]
@@ -858,7 +857,7 @@ def restore_host(before: HostState, bridge: str = BRIDGE) -> None:
     empty ``kubepods`` cgroups. What existed before is left alone.
     """
     _kill_cgroup_members(before.cgroups)
-    _unmount_under(
+    unmount_under(
         ["/run/netns", "/run/containerd", "/var/lib/kubelet"],
         keep=(m.split(" ", 1)[0] for m in before.mounts),
     )
@@ -1010,7 +1009,7 @@ class Node:
                     with contextlib.suppress(Exception):
                         self._drain()
                 self._stop_component(KUBELET)
-                _unmount_under([self.layout.kubelet_root])
+                unmount_under([self.layout.kubelet_root])
                 if self._is_running(CONTAINERD):
                     self._remove_containers()
                 self._stop_component(CONTAINERD)
@@ -1019,7 +1018,7 @@ class Node:
         finally:
             self._records = []
             self._children = {}
-            _unmount_under([self.layout.state])
+            unmount_under([self.layout.state])
             if self.host_before is not None:
                 restore_host(self.host_before)
             (self.layout.state / STATE_FILE).unlink(missing_ok=True)
@@ -1088,23 +1087,16 @@ class Node:
     def _spawn(
         self, component: str, argv: list[str], env: Mapping[str, str] | None = None
     ) -> subprocess.Popen[bytes]:
-        log = self.layout.log_dir / f"{component}.log"
-        with log.open("ab") as out:
-            stamp = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-            out.write(f"# {stamp} controlplane.node starts: {' '.join(argv)}\n".encode())
-            out.flush()
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=self.layout.state,
-                env=None if env is None else dict(env),
-                start_new_session=True,
-                preexec_fn=None if self.detach else _die_with_parent(),  # noqa: PLW1509
-            )
-        stat = _proc_stat(proc.pid)
-        self._records.append(ProcessRecord(component, proc.pid, stat[1] if stat else 0))
+        proc, record = spawn_logged(
+            component,
+            argv,
+            self.layout.log_dir / f"{component}.log",
+            cwd=self.layout.state,
+            detach=self.detach,
+            who="controlplane.node",
+            env=env,
+        )
+        self._records.append(record)
         self._children[proc.pid] = proc
         self._write_state()
         return proc

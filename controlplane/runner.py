@@ -825,6 +825,37 @@ class _Plan:
     ports: dict[str, int]
 
 
+def spawn_logged(
+    component: str,
+    argv: Sequence[str],
+    log: Path,
+    *,
+    cwd: Path,
+    detach: bool,
+    who: str,
+    env: Mapping[str, str] | None = None,
+) -> tuple[subprocess.Popen[bytes], ProcessRecord]:
+    """Start ``argv`` in its own session (no terminal signals), appending its output to
+    ``log`` after a line naming ``who`` started it and how; unless ``detach``, Linux kills it
+    when the starting thread dies. Returns the process and its record (pid + start time)."""
+    with log.open("ab") as out:
+        stamp = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        out.write(f"# {stamp} {who} starts: {' '.join(argv)}\n".encode())
+        out.flush()
+        proc = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            env=None if env is None else dict(env),
+            start_new_session=True,  # survives the CLI when detached
+            preexec_fn=None if detach else _die_with_parent(),  # noqa: PLW1509
+        )
+    stat = _proc_stat(proc.pid)
+    return proc, ProcessRecord(component, proc.pid, stat[1] if stat else 0)
+
+
 class ControlPlane:
     """etcd + kube-apiserver + kube-controller-manager under ``state_dir``.
 
@@ -1143,21 +1174,9 @@ class ControlPlane:
         self, component: str, argv: list[str], log: Path, index: int | None = None
     ) -> subprocess.Popen[bytes]:
         """Start ``argv`` logging to ``log``; its record is appended, or replaces ``index``."""
-        with log.open("ab") as out:
-            stamp = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-            out.write(f"# {stamp} controlplane.runner starts: {' '.join(argv)}\n".encode())
-            out.flush()
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=self.state_dir,
-                start_new_session=True,  # no terminal signals; survives the CLI when detached
-                preexec_fn=None if self.detach else _die_with_parent(),  # noqa: PLW1509
-            )
-        stat = _proc_stat(proc.pid)
-        record = ProcessRecord(component, proc.pid, stat[1] if stat else 0)
+        proc, record = spawn_logged(
+            component, argv, log, cwd=self.state_dir, detach=self.detach, who="controlplane.runner"
+        )
         if index is None:
             self._records.append(record)
         else:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from controlplane import images, mount_nfs, nfs_server
-from controlplane.node import Node, kubelet_binary
+from controlplane.node import Node, kubelet_binary, unmount_under
 from controlplane.runner import ControlPlane, resolve_binaries
 from tests.kubectl import kubectl
 
@@ -115,7 +114,7 @@ class E2ECluster:
             self.kubectl("delete", "namespace", "nfs-provisioner", "--wait=false", check=False)
         for name, action in (
             ("node", self.node.stop),
-            ("nfs client mounts", lambda: _unmount_fuse_under(self.state)),
+            ("nfs client mounts", lambda: unmount_under([self.state])),
             ("nfs server", self.nfs.stop),
             ("control plane", self.plane.stop),
         ):
@@ -124,15 +123,6 @@ class E2ECluster:
             except Exception as error:  # noqa: BLE001 - each part that failed to stop is reported
                 problems.append(f"stopping the {name} failed: {error}")
         return problems + self.node.host_differences()
-
-
-def _unmount_fuse_under(root: Path) -> None:
-    """Lazily unmount FUSE clients the kubelet left mounted under the run directory."""
-    for line in Path("/proc/self/mountinfo").read_text(encoding="utf-8").splitlines():
-        fields = line.split()
-        mountpoint = fields[4].replace("\\040", " ")
-        if mountpoint.startswith(f"{root}/") and " - fuse" in line:
-            subprocess.run(["umount", "-l", mountpoint], check=False, capture_output=True)
 
 
 def _timed(timings: dict[str, float], name: str, action: Callable[[], _T]) -> _T:
@@ -155,7 +145,7 @@ def start_cluster(state: Path) -> E2ECluster:
         stack.callback(plane.stop)
         nfs = _timed(timings, "nfs server", lambda: nfs_server.start(state / "nfs"))
         stack.callback(nfs.stop)
-        stack.callback(_unmount_fuse_under, state)
+        stack.callback(unmount_under, [state])
         stand_in = mount_nfs.write_wrapper(state / "nfs")
         wrapper = mount_nfs.write_mount_wrapper(state / "nfs", stand_in)
         node = Node(
