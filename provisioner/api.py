@@ -12,7 +12,6 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from provisioner.events import Action
     from provisioner.kube import JSON, ObjectRef
 
 
@@ -43,14 +42,13 @@ class KubeApi(Protocol):
         """None when the PV does not exist."""
         ...
 
-    async def delete_volume(self, name: str) -> JSON | None:
-        """The PV as the server left it (finalizers pending), None if it is gone at once."""
+    async def delete_volume(self, name: str, uid: str = "") -> JSON | None:
+        """The PV as the server left it (finalizers pending), None if it is gone at once;
+        Conflict when ``uid`` is given and the PV of that name has another."""
         ...
 
-    async def set_volume_finalizers(
-        self, name: str, finalizers: list[str], resource_version: str
-    ) -> JSON:
-        """Conflict unless the PV is still at ``resource_version``; NotFound when it is gone."""
+    async def remove_volume_finalizer(self, name: str, finalizer: str, uid: str) -> JSON | None:
+        """Removes the entry wherever it is, never a Conflict; None when the PV is gone."""
         ...
 
     async def patch_volume(self, name: str, patch: JSON) -> JSON:
@@ -71,9 +69,9 @@ class KubeApi(Protocol):
 
     # --- Events ----------------------------------------------------------------------------------
 
-    async def post_event(
+    def record_event(
         self, ref: ObjectRef, event_type: str, reason: str, message: str, component: str
-    ) -> Action:
-        """Best effort: never raises. Returns what was done (``Action.DROP``: the object's
-        spam limit held it back, see ``events``)."""
+    ) -> None:
+        """Queue the Event and return at once: never waits, never raises (``kube.EventSink``
+        posts it with its own budget, correlated; what it cannot send is counted)."""
         ...

@@ -32,6 +32,9 @@ from provisioner.sweep import sweep
 
 logger = logging.getLogger(__name__)
 
+EVENT_FLUSH = 2.0
+"""Seconds a stopping process gives its queued Events to be posted."""
+
 
 def make_identity() -> str:
     """``<hostname>_<random>``, as client-go's leader election and the upstream library use."""
@@ -62,6 +65,9 @@ class Provisioner:
             burst=settings.client_burst,
             threads=settings.workers + 4,
             fence=self.fence,
+            event_qps=settings.event_qps,
+            event_burst=settings.event_burst,
+            on_event_dropped=self.metrics.event_dropped,
         )
         # The pool is larger than the number of workers so that calls stuck on a hung mount
         # (which keep their thread after the timeout) leave room for the others.
@@ -93,7 +99,12 @@ class Provisioner:
         self.elector: LeaderElector | None = None
         if settings.leader_election:
             self.election_kube = KubeApi(
-                load_api_client(pool_size=2), qps=10, burst=10, threads=2, timeout=5
+                load_api_client(pool_size=2),
+                qps=10,
+                burst=10,
+                threads=2,
+                timeout=5,
+                on_event_dropped=self.metrics.event_dropped,
             )
             self.elector = LeaderElector(
                 make_lock(self.election_kube, settings),
@@ -106,7 +117,7 @@ class Provisioner:
 
     async def _announce(self, ref: ObjectRef, message: str) -> None:
         assert self.election_kube is not None
-        await self.election_kube.post_event(
+        self.election_kube.record_event(
             ref, "Normal", "LeaderElection", message, self.reconciler.identity.component
         )
 
@@ -243,6 +254,10 @@ class Provisioner:
         finally:
             await self._stop_leading(tasks)
             await http.cleanup()
+            # What was queued before the stop still reaches the API server, briefly bounded.
+            await self.kube.flush_events(EVENT_FLUSH)
+            if self.election_kube is not None:
+                await self.election_kube.flush_events(EVENT_FLUSH)
             self.storage.close()
             self.kube.close()
             if self.election_kube is not None:

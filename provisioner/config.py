@@ -66,6 +66,9 @@ class Settings:
     client_qps: float = 100.0
     """Sustained API requests per second (4 per provisioned claim); upstream's 5 is far slower."""
     client_burst: int = 200
+    event_qps: float = 10.0
+    """Events have their own budget: they never spend the one of PersistentVolume writes."""
+    event_burst: int = 50
     workers: int = 16
     """Claims and volumes reconciled in parallel; the filesystem pool is sized from it."""
     resync_period: float = 300.0
@@ -107,6 +110,8 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("HTTP_ADDRESS", "--http-address", "host:port of /metrics, /healthz, /readyz", None),
     _Option("KUBE_API_QPS", "--kube-api-qps", "API requests per second", "100"),
     _Option("KUBE_API_BURST", "--kube-api-burst", "API request burst", "200"),
+    _Option("EVENTS_QPS", "--events-qps", "Events posted per second (own budget)", "10"),
+    _Option("EVENTS_BURST", "--events-burst", "Event burst (own budget)", "50"),
     _Option("WORKERS", "--workers", "objects reconciled in parallel", "16"),
     _Option("RESYNC_PERIOD", "--resync-period", "seconds between full resyncs", "300"),
     _Option("FS_TIMEOUT", "--fs-timeout", "seconds a filesystem call may take", "30"),
@@ -350,6 +355,8 @@ def load_settings(
         http_port=port,
         client_qps=number("KUBE_API_QPS", "a positive number"),
         client_burst=integer("KUBE_API_BURST"),
+        event_qps=number("EVENTS_QPS", "a positive number"),
+        event_burst=integer("EVENTS_BURST"),
         workers=integer("WORKERS"),
         resync_period=number("RESYNC_PERIOD"),
         fs_timeout=number("FS_TIMEOUT"),

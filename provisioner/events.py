@@ -1,8 +1,11 @@
-"""Event correlation and spam limiting, as client-go's ``EventCorrelator`` does it; pure.
+"""Event aggregation, correlation and spam limiting, as client-go's ``EventCorrelator``; pure.
 
 ``kube.EventRecorder`` asks ``Correlator.plan`` what to do with each Event (create it, patch
-the earlier identical one, or drop it) and reports back what the API server answered. No I/O and
-no clock here: callers pass the monotonic time, so tests decide what time it is.
+the earlier identical one, or drop it) and reports back what the API server answered. Similar
+Events (same source, object, type and reason) with many different messages are combined into
+one, as client-go's ``EventAggregator`` does, so a claim retried with a changing error message
+does not leave a new Event per attempt. No I/O and no clock here: callers pass the monotonic
+time, so tests decide what time it is.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import enum
 import hashlib
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 CORRELATION_WINDOW = 600.0
@@ -24,6 +27,16 @@ SPAM_REFILL = 300.0
 
 CACHE_ENTRIES = 4096
 """Entries kept per cache, least recently used dropped first (client-go ``maxLruCacheEntries``)."""
+
+AGGREGATE_AFTER = 10
+"""Distinct messages of similar Events within the window before they are combined (client-go
+``defaultAggregateMaxEvents``)."""
+
+AGGREGATE_WINDOW = 600.0
+"""Seconds without a similar Event after which the count of distinct messages starts again."""
+
+COMBINED = "(combined from similar events): "
+"""The message prefix of a combined Event, as client-go writes it."""
 
 NAME_MAX = 253
 """An Event's name is a DNS subdomain: at most 253 characters."""
@@ -56,6 +69,11 @@ class EventKey:
     message: str
 
     @property
+    def similar_key(self) -> tuple[str, ...]:
+        """All but the message (client-go ``EventAggregatorByReasonFunc``)."""
+        return (*self.spam_key, self.event_type, self.reason)
+
+    @property
     def spam_key(self) -> tuple[str, ...]:
         """Source and object only (client-go ``getSpamKey``): every Event about the object
         shares one token bucket, whatever its type, reason or message."""
@@ -64,11 +82,15 @@ class EventKey:
 
 @dataclass(frozen=True)
 class Plan:
-    """``PATCH``: set ``count`` on the Event ``name``; ``CREATE``: a new Event with count 1."""
+    """``PATCH``: set ``count`` on the Event ``name``; ``CREATE``: a new Event with count 1 and
+    ``message``. ``key`` is what the outcome is recorded under (``Correlator.recorded``): the
+    Event's own key, or for a combined Event its key without the message."""
 
     action: Action
     name: str = ""
     count: int = 1
+    key: EventKey | None = field(default=None, compare=False)
+    message: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -82,6 +104,12 @@ class _Seen:
 class _Bucket:
     tokens: float
     stamp: float
+
+
+@dataclass
+class _Similar:
+    messages: set[str]
+    last: float
 
 
 class Correlator:
@@ -100,16 +128,32 @@ class Correlator:
         self._entries = entries
         self._seen: OrderedDict[EventKey, _Seen] = OrderedDict()
         self._buckets: OrderedDict[tuple[str, ...], _Bucket] = OrderedDict()
+        self._similar: OrderedDict[tuple[str, ...], _Similar] = OrderedDict()
 
     def plan(self, key: EventKey, now: float) -> Plan:
-        """Spend a token of the object's bucket (none left: DROP), then PATCH the Event last
-        posted under ``key`` if that was within the window, else CREATE."""
+        """Spend a token of the object's bucket (none left: DROP); combine the Event with
+        similar ones once ``AGGREGATE_AFTER`` distinct messages were seen; then PATCH the Event
+        last posted under its key if that was within the window, else CREATE."""
         if not self._take_token(key.spam_key, now):
-            return Plan(Action.DROP)
+            return Plan(Action.DROP, key=key)
+        key, message = self._aggregate(key, now)
         seen = self._seen.get(key)
         if seen is None or now - seen.last > self._window:
-            return Plan(Action.CREATE)
-        return Plan(Action.PATCH, seen.name, seen.count + 1)
+            return Plan(Action.CREATE, key=key, message=message)
+        return Plan(Action.PATCH, seen.name, seen.count + 1, key=key, message=message)
+
+    def _aggregate(self, key: EventKey, now: float) -> tuple[EventKey, str]:
+        """The key to correlate under and the message to send (client-go ``EventAggregate``)."""
+        similar = self._similar.get(key.similar_key)
+        if similar is None or now - similar.last > AGGREGATE_WINDOW:
+            similar = self._similar[key.similar_key] = _Similar(set(), now)
+        similar.messages.add(key.message)
+        similar.last = now
+        _touch(self._similar, key.similar_key, self._entries)
+        if len(similar.messages) < AGGREGATE_AFTER:
+            return key, key.message
+        similar.messages.discard(key.message)  # bounded: the set never outgrows the threshold
+        return replace(key, message=""), f"{COMBINED}{key.message}"
 
     def recorded(self, key: EventKey, name: str, count: int, now: float) -> None:
         """The API server holds Event ``name`` with ``count`` for ``key`` (created or patched)."""

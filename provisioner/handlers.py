@@ -44,7 +44,7 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler) -> None:
             reconciler.forget_claim(claim.uid)
             return
         cache.put_claim(claim)
-        reconciler.enqueue_claim(claim.uid)
+        reconciler.enqueue_claim(claim.uid, delivered=True)
 
     @kopf.on.event("persistentvolumes", registry=registry)
     async def volume_event(type: str | None, body: kopf.Body, **_: Any) -> None:

@@ -9,7 +9,9 @@ model objects, runs the blocking calls in a thread pool, and paces them with a t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
+import functools
 import json
 import logging
 import secrets
@@ -150,6 +152,7 @@ class EventRecorder:
         )
         plan = self._correlator.plan(key, self._clock())
         now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        key = plan.key or key
         try:
             if plan.action is events.Action.DROP:
                 logger.debug(
@@ -161,10 +164,10 @@ class EventRecorder:
                     saved = await self._patch(namespace, plan, now)
                 except NotFound:
                     self._correlator.expired(key)
-                    saved = await self._create(ref, key, now)
+                    saved = await self._create(ref, key, plan.message or message, now)
                     plan = events.Plan(events.Action.CREATE)
             else:
-                saved = await self._create(ref, key, now)
+                saved = await self._create(ref, key, plan.message or message, now)
         except ApiError as error:
             logger.warning(
                 "could not record event %s on %s %s: %s", reason, ref.kind, ref.name, error
@@ -185,7 +188,7 @@ class EventRecorder:
             content_type="application/strategic-merge-patch+json",
         )
 
-    async def _create(self, ref: ObjectRef, key: events.EventKey, now: str) -> JSON:
+    async def _create(self, ref: ObjectRef, key: events.EventKey, message: str, now: str) -> JSON:
         namespace = ref.namespace or "default"
         involved: JSON = {
             "kind": ref.kind,
@@ -207,7 +210,7 @@ class EventRecorder:
             "involvedObject": involved,
             "type": key.event_type,
             "reason": key.reason,
-            "message": key.message,
+            "message": message,
             "source": {"component": key.component},
             "reportingComponent": key.component.split("_", maxsplit=1)[0][:128],
             "firstTimestamp": now,
@@ -215,6 +218,99 @@ class EventRecorder:
             "count": 1,
         }
         return await self._request("POST", f"/api/v1/namespaces/{quote(namespace)}/events", body)
+
+
+EVENT_QUEUE = 1000
+"""Events waiting for their budget before new ones are dropped (client-go ``maxQueuedEvents``)."""
+
+
+@dataclass(frozen=True)
+class PendingEvent:
+    ref: ObjectRef
+    event_type: str
+    reason: str
+    message: str
+    component: str
+
+
+Post = Callable[[ObjectRef, str, str, str, str], Awaitable[events.Action]]
+
+
+class EventSink:
+    """Takes Events off the caller's path, as client-go's broadcaster does.
+
+    ``emit`` only queues: a reconcile never waits for an Event, whatever the API server or the
+    budget do. One task posts them in order through ``post`` (which correlates, see
+    ``EventRecorder``), paced by its own token bucket, so Events never spend the budget of
+    PersistentVolume writes. A full queue drops the new Event; ``on_dropped(reason, cause)``
+    counts every Event not sent (cause ``queue-full`` or ``spam``, the per-object limit).
+    """
+
+    def __init__(
+        self,
+        post: Post,
+        qps: float,
+        burst: int,
+        capacity: int = EVENT_QUEUE,
+        on_dropped: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self._post = post
+        self._bucket = TokenBucket(qps, burst)
+        self._queue: asyncio.Queue[PendingEvent] = asyncio.Queue(capacity)
+        self._on_dropped = on_dropped
+        self._task: asyncio.Task[None] | None = None
+
+    def emit(self, event: PendingEvent) -> None:
+        """Queue ``event``; must be called from the event loop."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._drain(), name="events")
+        try:
+            self._queue.put_nowait(event)
+        except asyncio.QueueFull:
+            logger.debug(
+                "event %s on %s %s dropped: %d Events wait already",
+                event.reason,
+                event.ref.kind,
+                event.ref.name,
+                self._queue.qsize(),
+            )
+            self._dropped(event.reason, "queue-full")
+
+    @property
+    def waiting(self) -> int:
+        return self._queue.qsize()
+
+    async def flush(self, timeout: float) -> None:  # noqa: ASYNC109 - a bound, not a deadline
+        """Wait up to ``timeout`` seconds for the queued Events to be posted (shutdown)."""
+        if self._task is None or self._task.done():
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._queue.join(), timeout)
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    def _dropped(self, reason: str, cause: str) -> None:
+        if self._on_dropped is not None:
+            self._on_dropped(reason, cause)
+
+    async def _drain(self) -> None:
+        while True:
+            event = await self._queue.get()
+            try:
+                await self._bucket.acquire()
+                action = await self._post(
+                    event.ref, event.event_type, event.reason, event.message, event.component
+                )
+                if action is events.Action.DROP:
+                    self._dropped(event.reason, "spam")
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug must not silence every later Event
+                logger.exception("could not post event %s on %s", event.reason, event.ref.name)
+            finally:
+                self._queue.task_done()
 
 
 class KubeApi:
@@ -226,19 +322,36 @@ class KubeApi:
         threads: int,
         timeout: float = 30.0,
         fence: Fence | None = None,
+        event_qps: float = 10.0,
+        event_burst: int = 50,
+        on_event_dropped: Callable[[str, str], None] | None = None,
     ) -> None:
         """``fence``: checked before every PersistentVolume write (leader.py moves it); None
-        (no leader election) never refuses."""
+        (no leader election) never refuses. Events have their own budget (``event_qps``,
+        ``event_burst``) and queue, see ``EventSink``."""
         self._client = client
         self._fence = fence
         self._bucket = TokenBucket(qps, burst)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kube-api")
         self._timeout = timeout
-        self._events = EventRecorder(self.request)
+        self._events = EventRecorder(functools.partial(self.request, paced=False))
+        # Bound on ``self``: a subclass that wraps ``post_event`` (tests' fault injection) sees
+        # every Event the sink posts.
+        self._sink = EventSink(
+            self.post_event,
+            event_qps,
+            event_burst,
+            on_dropped=on_event_dropped,
+        )
 
     def close(self) -> None:
+        self._sink.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._client.close()
+
+    async def flush_events(self, timeout: float) -> None:  # noqa: ASYNC109
+        """Give queued Events up to ``timeout`` seconds to be posted (before ``close``)."""
+        await self._sink.flush(timeout)
 
     # --- transport ---------------------------------------------------------------------------
 
@@ -290,9 +403,12 @@ class KubeApi:
         query: Mapping[str, str] | None = None,
         content_type: str = "application/json",
         timeout: float | None = None,  # noqa: ASYNC109 - the HTTP client's, in its thread
+        paced: bool = True,
     ) -> JSON:
-        """``timeout`` (seconds) replaces the client's request timeout for this one call."""
-        await self._bucket.acquire()
+        """``timeout`` (seconds) replaces the client's request timeout for this one call;
+        ``paced=False`` leaves the client budget alone (Events: the sink paces them)."""
+        if paced:
+            await self._bucket.acquire()
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
             self._pool, lambda: self._call(method, path, body, query, content_type, timeout)
@@ -319,27 +435,39 @@ class KubeApi:
         except NotFound:
             return None
 
-    async def delete_volume(self, name: str) -> JSON | None:
-        """Delete a PV; returns it as the server left it (finalizers pending), None if gone."""
+    async def delete_volume(self, name: str, uid: str = "") -> JSON | None:
+        """Delete a PV (only the one of ``uid`` when given: else 409); returns it as the server
+        left it (finalizers pending), None if gone."""
         self._fenced(f"delete PersistentVolume {name}")
+        options = {"kind": "DeleteOptions", "apiVersion": "v1", "preconditions": {"uid": uid}}
         try:
-            result = await self.request("DELETE", f"/api/v1/persistentvolumes/{quote(name)}")
+            result = await self.request(
+                "DELETE", f"/api/v1/persistentvolumes/{quote(name)}", options if uid else None
+            )
         except NotFound:
             return None
         return result if result.get("kind") == "PersistentVolume" else None
 
-    async def set_volume_finalizers(
-        self, name: str, finalizers: list[str], resource_version: str
-    ) -> JSON:
-        """Replace the finalizer list only if the PV is unchanged since it was read (else 409)."""
-        self._fenced(f"patch the finalizers of PersistentVolume {name}")
-        patch = {"metadata": {"finalizers": finalizers, "resourceVersion": resource_version}}
-        return await self.request(
-            "PATCH",
-            f"/api/v1/persistentvolumes/{quote(name)}",
-            patch,
-            content_type="application/merge-patch+json",
-        )
+    async def remove_volume_finalizer(self, name: str, finalizer: str, uid: str) -> JSON | None:
+        """Remove ``finalizer`` from PV ``name`` in one request; None when the PV is gone.
+
+        A strategic merge patch (``$deleteFromPrimitiveList``) without a resourceVersion: the
+        server removes the entry from the list as it is then, so nothing another writer did in
+        between (the PV controller's status, its own finalizer) makes it conflict, and nobody
+        else's entry is touched. ``uid`` in the patch is immutable, so the patch fails rather
+        than apply to a new PV of the same name.
+        """
+        self._fenced(f"remove the finalizer of PersistentVolume {name}")
+        patch = {"metadata": {"uid": uid, "$deleteFromPrimitiveList/finalizers": [finalizer]}}
+        try:
+            return await self.request(
+                "PATCH",
+                f"/api/v1/persistentvolumes/{quote(name)}",
+                patch,
+                content_type="application/strategic-merge-patch+json",
+            )
+        except NotFound:
+            return None
 
     async def patch_volume(self, name: str, patch: JSON) -> JSON:
         """JSON merge patch of a PV (annotations, finalizers); a ``metadata.resourceVersion``
@@ -408,12 +536,18 @@ class KubeApi:
 
     # --- Events --------------------------------------------------------------------------------
 
+    def record_event(
+        self, ref: ObjectRef, event_type: str, reason: str, message: str, component: str
+    ) -> None:
+        """Queue a core/v1 Event and return at once (see ``EventSink``); never raises."""
+        self._sink.emit(PendingEvent(ref, event_type, reason, message, component))
+
     async def post_event(
         self, ref: ObjectRef, event_type: str, reason: str, message: str, component: str
     ) -> events.Action:
-        """Record a core/v1 Event, correlated (see ``EventRecorder``); a failure is logged,
-        never raised (events are best effort). Returns what was done: DROP when the object's
-        spam limit held it back."""
+        """Post an Event now, correlated (see ``EventRecorder``); a failure is logged, never
+        raised (events are best effort). Returns what was done: DROP when the object's spam
+        limit held it back. The sink calls this; the reconciler uses ``record_event``."""
         return await self._events.record(ref, event_type, reason, message, component)
 
     # --- access checks (preflight) ---------------------------------------------------------------

@@ -92,9 +92,10 @@ class Metrics:
         )
         self.events_dropped_total = Counter(
             "nfs_provisioner_events_dropped_total",
-            "Events not sent because their object was over the spam limit "
-            "(a burst of 25 per object, then 1 per 5 minutes, as client-go)",
-            ["reason"],
+            "Events not sent: cause spam when their object was over the spam limit (a burst "
+            "of 25 per object, then 1 per 5 minutes, as client-go), queue-full when 1000 "
+            "Events already waited for the Event budget (EVENTS_QPS/EVENTS_BURST)",
+            ["reason", "cause"],
             registry=r,
         )
         self.leader = Gauge(
@@ -102,6 +103,10 @@ class Metrics:
             "1 while this process holds the leader lock (or runs without election), else 0",
             registry=r,
         )
+
+    def event_dropped(self, reason: str, cause: str) -> None:
+        """The Event sink's hook: one call per Event not sent."""
+        self.events_dropped_total.labels(reason, cause).inc()
 
     def observe_fs(self, operation: str, seconds: float, outcome: str) -> None:
         """The storage layer's hook: one call per filesystem call."""

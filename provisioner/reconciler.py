@@ -24,7 +24,6 @@ from provisioner.config import (
     Settings,
     parse_class_parameters,
 )
-from provisioner.events import Action
 from provisioner.journal import Intent, Owner
 from provisioner.kube import ApiError, Conflict, NotFound, ObjectRef
 from provisioner.metrics import Metrics
@@ -104,10 +103,18 @@ class Reconciler:
         # Volumes released by this process whose DELETED event has not arrived yet: watch
         # events still in flight would otherwise start a second, confusing release.
         self._released: set[str] = set()
+        # Claims the watch delivered since their last reconcile, with no re-list (a possible
+        # watch gap) since: the cache is as fresh as the watch for them, so provisioning them
+        # needs no GET to confirm they still exist (see ``_confirmed``).
+        self._delivered: set[str] = set()
 
     # --- entry points ----------------------------------------------------------------------------
 
-    def enqueue_claim(self, uid: str) -> None:
+    def enqueue_claim(self, uid: str, delivered: bool = False) -> None:
+        """``delivered``: the watch just brought this claim (not a resync, a retry, a class or
+        a freed directory bringing back one seen earlier)."""
+        if delivered:
+            self._delivered.add(uid)
         self.queue.add(f"{CLAIM}:{uid}")
 
     def enqueue_volume(self, name: str) -> None:
@@ -124,10 +131,15 @@ class Reconciler:
             self.enqueue_volume(volume.name)
 
     def relist_soon(self) -> None:
+        """kopf is (re-)listing: there may have been a watch gap, whose deletions the cache
+        misses until our own list prunes them; until then every claim is confirmed by GET."""
+        if not self.relist_wanted.is_set():
+            self._delivered.clear()
         self.relist_wanted.set()
 
     def forget_claim(self, uid: str) -> None:
         self._refused.pop(uid, None)
+        self._delivered.discard(uid)
         self.queue.forget(f"{CLAIM}:{uid}")
 
     def forget_volume(self, name: str) -> None:
@@ -161,16 +173,17 @@ class Reconciler:
                 "%s: attempt %d crashed; %s", key, failures, delay_hint, exc_info=error
             )
 
-    async def _event(self, ref: ObjectRef, event_type: str, reason: str, message: str) -> None:
-        """Post an Event; identical repeats patch its count, and an object over its spam limit
-        gets none (counted in ``events_dropped_total``)."""
-        done = await self.kube.post_event(ref, event_type, reason, message, self.identity.component)
-        if done is Action.DROP:
-            self.metrics.events_dropped_total.labels(reason).inc()
+    def _event(self, ref: ObjectRef, event_type: str, reason: str, message: str) -> None:
+        """Queue an Event: it never delays the reconcile (``kube.EventSink`` posts it with its
+        own budget; identical repeats patch its count; what is dropped is counted in
+        ``events_dropped_total``)."""
+        self.kube.record_event(ref, event_type, reason, message, self.identity.component)
 
     # --- claims: provision -------------------------------------------------------------------
 
     async def reconcile_claim(self, uid: str) -> None:
+        delivered = uid in self._delivered
+        self._delivered.discard(uid)
         claim = self.cache.claim(uid)
         if claim is None:
             return
@@ -224,23 +237,27 @@ class Reconciler:
             )
         self._reserved[str(directory)] = claim.uid
         try:
-            # A watch gap can leave a deleted claim in the cache: confirm before creating.
-            try:
-                current = await self.kube.get_claim(claim.namespace, claim.name)
-            except ApiError as error:
-                raise RetryLater(f"claim {claim.key}: cannot confirm it exists: {error}") from error
-            fresh = core.claim_from(current) if current is not None else None
-            gone = core.claim_gone(claim, fresh)
-            if gone is not None:
-                logger.info(
-                    "claim %s: not provisioned: %s; dropped from the cache", claim.key, gone
-                )
-                self.cache.drop_claim(claim.uid)
-                self.forget_claim(claim.uid)
-                return
-            await self._provision(claim, storage_class, directory, parameters)
+            if delivered or await self._confirmed(claim):
+                await self._provision(claim, storage_class, directory, parameters)
         finally:
             self._reserved.pop(str(directory), None)
+
+    async def _confirmed(self, claim: core.Claim) -> bool:
+        """Whether the claim still exists, by GET: a watch gap can leave a deleted claim in the
+        cache. Only for claims the watch did not just deliver (``_delivered``): what a class
+        event, a retry, a resync or a freed directory brings back may be such a leftover."""
+        try:
+            current = await self.kube.get_claim(claim.namespace, claim.name)
+        except ApiError as error:
+            raise RetryLater(f"claim {claim.key}: cannot confirm it exists: {error}") from error
+        fresh = core.claim_from(current) if current is not None else None
+        gone = core.claim_gone(claim, fresh)
+        if gone is None:
+            return True
+        logger.info("claim %s: not provisioned: %s; dropped from the cache", claim.key, gone)
+        self.cache.drop_claim(claim.uid)
+        self.forget_claim(claim.uid)
+        return False
 
     async def _refuse(self, claim: core.Claim, storage_class: core.StorageClass, why: str) -> None:
         """Post the refusal once per claim and reason; only then is it a failed attempt (resyncs
@@ -250,7 +267,7 @@ class Reconciler:
         self._refused[claim.uid] = why
         self.metrics.provision_failed_total.labels(storage_class.name).inc()
         logger.warning("claim %s: refused: %s", claim.key, why)
-        await self._event(claim_ref(claim), "Warning", "ProvisioningFailed", why)
+        self._event(claim_ref(claim), "Warning", "ProvisioningFailed", why)
 
     async def _provision(
         self,
@@ -281,7 +298,7 @@ class Reconciler:
             if decision.plan is ownership.Plan.REFUSE:
                 await self._refuse(claim, storage_class, f'claim "{claim.key}": {decision.reason}')
                 return
-            await self._event(
+            self._event(
                 ref,
                 "Normal",
                 "Provisioning",
@@ -309,10 +326,10 @@ class Reconciler:
             return
         except StorageError as error:
             self.metrics.provision_failed_total.labels(storage_class.name).inc()
-            await self._event(ref, "Warning", "ProvisioningFailed", str(error))
+            self._event(ref, "Warning", "ProvisioningFailed", str(error))
             raise RetryLater(f"claim {claim.key}: {error}") from error
         if not created:
-            await self._event(
+            self._event(
                 ref,
                 "Normal",
                 "Provisioning",
@@ -332,7 +349,7 @@ class Reconciler:
         except (ApiError, RetryLater) as error:
             self.metrics.provision_failed_total.labels(storage_class.name).inc()
             await self._undo_if_claim_gone(claim, directory, created)
-            await self._event(
+            self._event(
                 ref,
                 "Warning",
                 "ProvisioningFailed",
@@ -356,7 +373,7 @@ class Reconciler:
             directory,
             "created" if created else "reused",
         )
-        await self._event(
+        self._event(
             ref,
             "Normal",
             "ProvisioningSucceeded",
@@ -432,18 +449,18 @@ class Reconciler:
         ref = volume_ref(volume)
         if decision.action is core.VolumeAction.RELEASE_FINALIZER:
             await self._drop_finalizer(volume)
-            await self._event(ref, "Normal", "VolumeRetained", decision.reason)
+            self._event(ref, "Normal", "VolumeRetained", decision.reason)
             return
         started = time.monotonic()
         try:
             outcome = await self._apply_on_delete(volume)
         except (StorageError, paths.UnsafePathError, core.ReleaseRefused, Redirected) as error:
             self.metrics.delete_failed_total.labels(volume.storage_class).inc()
-            await self._event(ref, "Warning", "VolumeFailedDelete", str(error))
+            self._event(ref, "Warning", "VolumeFailedDelete", str(error))
             raise RetryLater(f"volume {name}: {error}") from error
-        await self._event(ref, outcome.event_type, outcome.reason, outcome.message)
+        self._event(ref, outcome.event_type, outcome.reason, outcome.message)
         if not volume.deleting:
-            deleted = await self.kube.delete_volume(name)
+            deleted = await self.kube.delete_volume(name, volume.uid)
             if deleted is not None:
                 volume = core.volume_from(deleted)
         await self._drop_finalizer(volume)
@@ -537,7 +554,7 @@ class Reconciler:
         adopted = core.volume_from(saved)
         self.cache.put_volume(adopted)
         logger.info("volume %s: adopted with directory %s", volume.name, directory)
-        await self._event(
+        self._event(
             volume_ref(adopted),
             "Normal",
             "VolumeAdopted",
@@ -552,7 +569,7 @@ class Reconciler:
             return
         self.cache.put_volume(core.volume_from(saved))
         logger.warning("volume %s: not adopted: %s", volume.name, refusal.reason)
-        await self._event(
+        self._event(
             volume_ref(volume),
             "Warning",
             "AdoptionRefused",
@@ -606,24 +623,9 @@ class Reconciler:
             raise RetryLater(f"volume {volume.name}: changed while being patched") from error
 
     async def _drop_finalizer(self, volume: core.Volume) -> None:
-        """Remove our finalizer with optimistic concurrency, re-reading after each conflict."""
-        for _attempt in range(5):
-            if core.FINALIZER not in volume.finalizers:
-                return
-            remaining = [f for f in volume.finalizers if f != core.FINALIZER]
-            try:
-                await self.kube.set_volume_finalizers(
-                    volume.name, remaining, volume.resource_version
-                )
-                return
-            except NotFound:
-                return
-            except Conflict:
-                fresh = await self.kube.get_volume(volume.name)
-                if fresh is None:
-                    return
-                volume = core.volume_from(fresh)
-        raise RetryLater(f"volume {volume.name}: kept changing while removing our finalizer")
+        """Remove our finalizer: one request, whatever changed since the PV was read."""
+        if core.FINALIZER in volume.finalizers:
+            await self.kube.remove_volume_finalizer(volume.name, core.FINALIZER, volume.uid)
 
 
 async def relist(reconciler: Reconciler) -> tuple[Merged, Merged, Merged]:

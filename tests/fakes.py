@@ -17,8 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from provisioner.events import Action
-from provisioner.kube import JSON, Conflict, NotFound, ObjectRef
+from provisioner.kube import JSON, ApiError, Conflict, NotFound, ObjectRef
 
 
 @dataclass(frozen=True)
@@ -142,11 +141,13 @@ class FakeKube:
         found = self.volumes.get(name)
         return copy.deepcopy(found) if found is not None else None
 
-    async def delete_volume(self, name: str) -> JSON | None:
+    async def delete_volume(self, name: str, uid: str = "") -> JSON | None:
         self._enter("delete_volume")
         stored = self.volumes.get(name)
         if stored is None:
             return None
+        if uid and stored["metadata"].get("uid", "") != uid:
+            raise Conflict(409, "Conflict", f'persistentvolumes "{name}": uid precondition')
         if not stored["metadata"].get("finalizers"):
             return copy.deepcopy(self.volumes.pop(name))
         if "deletionTimestamp" not in stored["metadata"]:
@@ -168,13 +169,15 @@ class FakeKube:
             del self.volumes[name]
         return copy.deepcopy(stored)
 
-    async def set_volume_finalizers(
-        self, name: str, finalizers: list[str], resource_version: str
-    ) -> JSON:
-        self._enter("set_volume_finalizers")
-        return self._write_volume(
-            name, {"metadata": {"finalizers": finalizers, "resourceVersion": resource_version}}
-        )
+    async def remove_volume_finalizer(self, name: str, finalizer: str, uid: str) -> JSON | None:
+        self._enter("remove_volume_finalizer")
+        stored = self.volumes.get(name)
+        if stored is None:
+            return None
+        if stored["metadata"].get("uid", "") != uid:
+            raise ApiError(422, "Invalid", f'persistentvolumes "{name}": uid is immutable')
+        finalizers = [f for f in stored["metadata"].get("finalizers") or [] if f != finalizer]
+        return self._write_volume(name, {"metadata": {"finalizers": finalizers}})
 
     async def patch_volume(self, name: str, patch: JSON) -> JSON:
         self._enter("patch_volume")
@@ -212,11 +215,10 @@ class FakeKube:
 
     # --- KubeApi: Events ---------------------------------------------------------------------
 
-    async def post_event(
+    def record_event(
         self, ref: ObjectRef, event_type: str, reason: str, message: str, component: str
-    ) -> Action:
-        self._enter("post_event")
+    ) -> None:
+        self._enter("record_event")
         self.events.append(
             PostedEvent(ref.kind, ref.name, ref.namespace, event_type, reason, message)
         )
-        return Action.CREATE

@@ -37,7 +37,7 @@ FaultOp = Literal[
 
 ApiOp = Literal[
     "get_claim", "create_volume", "get_volume", "delete_volume", "patch_volume",
-    "set_volume_finalizers", "post_event",
+    "remove_volume_finalizer", "post_event",
 ]  # fmt: skip
 """The reconciler's API calls; ``where`` is ``<namespace>/<claim>`` for get_claim, the PV name
 for PV calls, ``<object name>/<reason>`` for post_event."""
@@ -235,19 +235,17 @@ class FaultInjectingKubeApi(KubeApi):
         await self._inject("get_volume", name)
         return await super().get_volume(name)
 
-    async def delete_volume(self, name: str) -> JSON | None:
+    async def delete_volume(self, name: str, uid: str = "") -> JSON | None:
         await self._inject("delete_volume", name)
-        return await super().delete_volume(name)
+        return await super().delete_volume(name, uid)
 
     async def patch_volume(self, name: str, patch: JSON) -> JSON:
         await self._inject("patch_volume", name)
         return await super().patch_volume(name, patch)
 
-    async def set_volume_finalizers(
-        self, name: str, finalizers: list[str], resource_version: str
-    ) -> JSON:
-        await self._inject("set_volume_finalizers", name)
-        return await super().set_volume_finalizers(name, finalizers, resource_version)
+    async def remove_volume_finalizer(self, name: str, finalizer: str, uid: str) -> JSON | None:
+        await self._inject("remove_volume_finalizer", name)
+        return await super().remove_volume_finalizer(name, finalizer, uid)
 
     async def post_event(
         self, ref: ObjectRef, event_type: str, reason: str, message: str, component: str

@@ -1,5 +1,6 @@
-"""Event correlation, the per-object spam limit and Event names (events.py), as tables; and
-kube.EventRecorder against an in-memory Events endpoint (create, patch, 404, drop)."""
+"""Event correlation, aggregation, the per-object spam limit and Event names (events.py), as
+tables; kube.EventRecorder against an in-memory Events endpoint (create, patch, 404, drop); and
+kube.EventSink: queued, paced by its own budget, never waited for, drops counted."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 
 from provisioner import events
 from provisioner.events import Action, Correlator, EventKey, Plan
-from provisioner.kube import EventRecorder, NotFound, ObjectRef
+from provisioner.kube import EventRecorder, EventSink, NotFound, ObjectRef, PendingEvent
 
 KEY = EventKey(
     component="example.com/nfs_host_1",
@@ -44,10 +45,11 @@ def replay(steps: list[Step], correlator: Correlator | None = None) -> list[Plan
     for index, (now, key) in enumerate(steps):
         plan = correlator.plan(key, now)
         plans.append(plan)
+        recorded = plan.key or key  # a combined Event is recorded without its message
         if plan.action is Action.CREATE:
-            correlator.recorded(key, f"e{index}", 1, now)
+            correlator.recorded(recorded, f"e{index}", 1, now)
         elif plan.action is Action.PATCH:
-            correlator.recorded(key, plan.name, plan.count, now)
+            correlator.recorded(recorded, plan.name, plan.count, now)
     return plans
 
 
@@ -251,3 +253,84 @@ def test_recorder_names_events_of_long_objects_validly() -> None:
     (name,) = server.events
     assert len(name) <= 253
     assert SUBDOMAIN.fullmatch(name)
+
+
+def test_similar_events_are_combined_after_ten_distinct_messages() -> None:
+    """client-go's EventAggregator: the 10th distinct message of one source, object, type and
+    reason within ten minutes starts a combined Event; later ones patch its count."""
+    correlator = Correlator()
+    plans = replay([(i, other(message=f"attempt {i}")) for i in range(12)], correlator)
+    assert [p.action for p in plans] == [Action.CREATE] * 10 + [Action.PATCH] * 2
+    assert all(p.message == f"attempt {i}" for i, p in enumerate(plans[:9]))
+    assert plans[9].message == f"{events.COMBINED}attempt 9"
+    assert plans[10].name == plans[11].name == "e9"
+    assert plans[11].count == 3
+    assert correlator.plan(other(reason="Other", message="attempt 1"), 12).action is Action.CREATE
+
+
+def test_the_distinct_messages_are_counted_again_after_ten_quiet_minutes() -> None:
+    correlator = Correlator()
+    replay([(i, other(message=f"attempt {i}")) for i in range(9)], correlator)
+    plan = correlator.plan(other(message="late"), 8 + events.AGGREGATE_WINDOW + 1)
+    assert (plan.action, plan.message) == (Action.CREATE, "late")
+
+
+class Gate:
+    """An Event endpoint that answers only when released, and remembers what it got."""
+
+    def __init__(self) -> None:
+        self.open = asyncio.Event()
+        self.posted: list[str] = []
+
+    async def post(self, ref: ObjectRef, kind: str, reason: str, message: str, c: str) -> Action:
+        await self.open.wait()
+        self.posted.append(reason)
+        return Action.DROP if reason == "Spam" else Action.CREATE
+
+
+def pending(reason: str) -> PendingEvent:
+    return PendingEvent(REF, "Normal", reason, "m", "c")
+
+
+def test_the_sink_never_makes_the_caller_wait_and_counts_what_it_drops() -> None:
+    async def scenario() -> tuple[list[str], list[tuple[str, str]], int]:
+        gate, dropped = Gate(), []
+        sink = EventSink(
+            gate.post, qps=1000, burst=1000, capacity=3, on_dropped=lambda *d: dropped.append(d)
+        )
+        sink.emit(pending("First"))
+        await asyncio.sleep(0.01)  # "First" is being posted: the endpoint does not answer
+        for reason in ("Second", "Spam", "Third", "Fourth"):
+            sink.emit(pending(reason))  # returns at once; "Fourth" finds the queue full
+        waiting = sink.waiting
+        gate.open.set()
+        await sink.flush(5)
+        sink.close()
+        return gate.posted, dropped, waiting
+
+    posted, dropped, waiting = asyncio.run(scenario())
+    assert waiting == 3
+    assert posted == ["First", "Second", "Spam", "Third"]
+    assert dropped == [("Fourth", "queue-full"), ("Spam", "spam")]
+
+
+def test_the_sink_paces_events_with_its_own_budget() -> None:
+    async def scenario() -> list[float]:
+        gate = Gate()
+        gate.open.set()
+        stamps: list[float] = []
+
+        async def post(*event: str | ObjectRef) -> Action:
+            stamps.append(asyncio.get_running_loop().time())
+            return Action.CREATE
+
+        sink = EventSink(post, qps=20, burst=2)
+        for index in range(4):
+            sink.emit(pending(f"E{index}"))
+        await sink.flush(5)
+        sink.close()
+        return stamps
+
+    stamps = asyncio.run(scenario())
+    assert len(stamps) == 4
+    assert stamps[3] - stamps[0] >= 2 / 20 * 0.9  # two beyond the burst, at 20 per second

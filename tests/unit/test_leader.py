@@ -632,7 +632,7 @@ def test_storage_behind_a_closed_fence_changes_nothing(tmp_path: Path) -> None:
     [
         lambda kube: kube.create_volume({"metadata": {"name": "pv"}}),
         lambda kube: kube.delete_volume("pv"),
-        lambda kube: kube.set_volume_finalizers("pv", [], "1"),
+        lambda kube: kube.remove_volume_finalizer("pv", "f", "u"),
         lambda kube: kube.patch_volume("pv", {"metadata": {}}),
     ],
     ids=["create", "delete", "finalizers", "patch"],
