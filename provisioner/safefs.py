@@ -416,9 +416,15 @@ class Tree:
         scratch: Sequence[str] | None = None,
         prefix: str = "tmp-",
     ) -> None:
-        """Atomically create or replace the file ``name`` in ``parts``, synced to the server
-        (file, then directory) before returning. Without ``replace``, FileExistsError if the
+        """Atomically create or replace the file ``name`` in ``parts``, its data synced to the
+        server before it is renamed into place. Without ``replace``, FileExistsError if the
         file exists (it is left as it was).
+
+        The directory is not synced: on NFS, RENAME (like MKDIR and REMOVE) is committed to
+        stable storage by the server before it replies (RFC 1813 3.3; RFC 7530 likewise), so
+        the record is durable before the next call - the mkdir it guards - is even sent; an
+        fsync of a directory adds nothing there but a round trip. A file's WRITEs are unstable
+        until COMMIT, which the fsync sends.
 
         The data is written to ``<prefix><random>`` in ``scratch`` (default: ``parts`` itself)
         and renamed into place. A process killed in between leaves that temporary file behind;
@@ -447,7 +453,6 @@ class Tree:
                 with contextlib.suppress(OSError):
                     self.calls.unlink(spare, temporary, where)
                 raise
-            self.calls.fsync(parent, where)
 
     def read_file(self, parts: Sequence[str], name: str) -> bytes | None:
         """The content of the regular file ``name`` in ``parts``; None if it is missing."""
@@ -477,7 +482,8 @@ class Tree:
             return None
 
     def remove_file(self, parts: Sequence[str], name: str) -> bool:
-        """Unlink ``name`` in ``parts`` and sync the directory; False if it was missing."""
+        """Unlink ``name`` in ``parts``; False if it was missing. Not synced: REMOVE is
+        synchronous on an NFS server (see ``write_file``), and no caller needs more."""
         where = _join("/".join(parts), name)
         try:
             with self.opened(parts) as parent:
@@ -485,7 +491,6 @@ class Tree:
                     self.calls.unlink(parent, name, where)
                 except FileNotFoundError:
                     return False
-                self.calls.fsync(parent, where)
         except FileNotFoundError:
             return False
         return True
