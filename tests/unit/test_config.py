@@ -41,6 +41,13 @@ def test_namespace_falls_back_to_service_account_file() -> None:
     assert settings.namespace == "storage"
 
 
+def test_events_have_their_own_budget() -> None:
+    _, settings = load_settings([], {**BASE, "EVENTS_QPS": "2.5", "EVENTS_BURST": "7"})
+    assert (settings.event_qps, settings.event_burst) == (2.5, 7)
+    _, default = load_settings([], BASE)
+    assert (default.event_qps, default.event_burst) == (10.0, 50)
+
+
 @pytest.mark.parametrize(
     ("env", "expected"),
     [
@@ -73,6 +80,16 @@ def test_namespace_falls_back_to_service_account_file() -> None:
             {"WORKERS": "0"},
             'WORKERS="0" is invalid; expected a positive whole number',
             id="workers",
+        ),
+        pytest.param(
+            {"EVENTS_QPS": "0"},
+            'EVENTS_QPS="0" is invalid; expected a positive number',
+            id="events-qps",
+        ),
+        pytest.param(
+            {"EVENTS_BURST": "1.5"},
+            'EVENTS_BURST="1.5" is invalid; expected a positive whole number',
+            id="events-burst",
         ),
         pytest.param({"FS_TIMEOUT": "nan"}, 'FS_TIMEOUT="nan" is invalid', id="timeout-nan"),
         pytest.param(
