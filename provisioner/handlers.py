@@ -10,6 +10,7 @@ the view costs a lookup chain, on every event of every claim and PV of the clust
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import kopf
@@ -18,8 +19,32 @@ from provisioner import core
 from provisioner.reconciler import Reconciler
 
 
+class NoDiffBase(kopf.DiffBaseStorage):
+    """Keeps no "last handled" state: with only ``@kopf.on.event`` handlers nothing reads it.
+
+    kopf's stock storages deep-copy every event's body to diff it against the last handled
+    one (5 % of the provisioner's CPU in a 1,000-claim burst, by py-spy), and would store it
+    on the object if a change handler ever needed it, which we never want.
+    """
+
+    def build(
+        self,
+        *,
+        body: kopf.Body,
+        extra_fields: Iterable[kopf.FieldSpec] | None = None,
+    ) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        return None
+
+
 def configure(settings: kopf.OperatorSettings) -> None:
     """kopf settings that keep the framework off users' objects and out of extra RBAC."""
+    settings.persistence.diffbase_storage = NoDiffBase()
     settings.posting.enabled = False  # we post our own Events with upstream reasons
     settings.scanning.disabled = True  # no CRD discovery: the resources are fixed built-ins
     settings.peering.standalone = True  # leader election is ours (Endpoints/Lease), not peering
