@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-N ?= 500
+N ?= 300
 
 .PHONY: setup lock lint fmt test unit integration controlplane dev-cluster dev-cluster-down bench demo image image-local e2e e2e-kind clean
 
@@ -56,8 +56,19 @@ dev-cluster: controlplane
 dev-cluster-down: setup
 	$(PY) -m controlplane.runner down --state .dev
 
+# One control plane: the API server's ceiling, then the provisioner at QPS 5/10, 1000/2000 and the
+# defaults, N claims each (tests/bench/provision.py). HOLD=20000: then the memory bench with that
+# population (tests/bench/memory.py, its own control plane), when that file exists.
 bench: controlplane
 	$(PY) -m tests.bench.provision --claims $(N)
+	@if [ -n "$(HOLD)" ]; then \
+		if [ -f tests/bench/memory.py ]; then \
+			echo "$(PY) -m tests.bench.memory --sizes 0,$(HOLD)"; \
+			$(PY) -m tests.bench.memory --sizes 0,$(HOLD); \
+		else \
+			echo "make bench: HOLD=$(HOLD) given but tests/bench/memory.py does not exist; memory not measured" >&2; \
+		fi; \
+	fi
 
 demo: controlplane
 	$(PY) -m controlplane.demo
