@@ -57,17 +57,15 @@ dev-cluster-down: setup
 	$(PY) -m controlplane.runner down --state .dev
 
 # One control plane: the API server's ceiling, then the provisioner at QPS 5/10, 1000/2000 and the
-# defaults, N claims each (tests/bench/provision.py). HOLD=20000: then the memory bench with that
-# population (tests/bench/memory.py, its own control plane), when that file exists.
+# defaults, N claims each (tests/bench/provision.py). HOLD=20000: then memory and start-up with
+# HOLD claim/PV pairs cached, measured at a quarter, half and all of it (tests/bench/memory.py,
+# its own control plane; the population is created directly, not provisioned).
 bench: controlplane
 	$(PY) -m tests.bench.provision --claims $(N)
 	@if [ -n "$(HOLD)" ]; then \
-		if [ -f tests/bench/memory.py ]; then \
-			echo "$(PY) -m tests.bench.memory --sizes 0,$(HOLD)"; \
-			$(PY) -m tests.bench.memory --sizes 0,$(HOLD); \
-		else \
-			echo "make bench: HOLD=$(HOLD) given but tests/bench/memory.py does not exist; memory not measured" >&2; \
-		fi; \
+		sizes="0,$$(( $(HOLD) / 4 )),$$(( $(HOLD) / 2 )),$(HOLD)"; \
+		echo "$(PY) -m tests.bench.memory --sizes $$sizes"; \
+		$(PY) -m tests.bench.memory --sizes "$$sizes"; \
 	fi
 
 demo: controlplane

@@ -250,6 +250,7 @@ class Provisioner:
                 clusterwide=True,
                 stop_flag=stop,
                 ready_flag=ready,
+                memories=handlers.Memoryless(),
             )
         finally:
             await self._stop_leading(tasks)

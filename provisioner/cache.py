@@ -2,13 +2,16 @@
 
 Fed by the kopf event handlers and by the complete lists the reconciler takes before its first
 reconcile and at every resync; read by the reconciler. Like client-go's informer caches, but only
-the narrowed ``core`` values are kept (not whole objects), which keeps memory small with thousands
-of claims. A list can be older than an event already applied, and a watch gap loses DELETED
-events: ``plan_merge`` decides which version of each object wins. Plain data structures, no I/O.
+the narrowed ``core`` values are kept (not whole objects; ``core`` says what is dropped), which
+keeps memory small with every claim and PV of a large cluster. A list can be older than an event
+already applied, and a watch gap loses DELETED events: ``plan_merge`` decides which version of
+each object wins. A list is merged as it is read, one object at a time, so its narrowed objects
+are never all alive at once. Plain data structures, no I/O.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -54,6 +57,14 @@ class MergePlan:
     """Held keys the list proves gone."""
 
 
+def _wanted(version: str, held: str | None, tombstone: str | None) -> bool:
+    """Whether a listed object at ``version`` replaces what the cache holds (``held``, None when
+    nothing), given the version of a DELETED event seen for its key (``tombstone``)."""
+    return (held is None or newer(version, held)) and (
+        tombstone is None or newer(version, tombstone)
+    )
+
+
 def plan_merge(
     held: Mapping[str, str],
     listed: Mapping[str, str],
@@ -69,12 +80,13 @@ def plan_merge(
     - A held object absent from the list is dropped when its version is not after the list's:
       it was deleted while nothing watched (kopf re-lists after 410 Gone but reports no DELETED
       for what vanished). One held at a later version was created after the list was taken.
+
+    ``Cache`` applies the same rules while it reads a list (``_merge``), one object at a time.
     """
     put = tuple(
         key
         for key, version in listed.items()
-        if (key not in held or newer(version, held[key]))
-        and (key not in tombstones or newer(version, tombstones[key]))
+        if _wanted(version, held.get(key), tombstones.get(key))
     )
     drop = tuple(
         key
@@ -123,25 +135,49 @@ class Merged:
 
 
 def _merge(
-    held: Mapping[str, str],
-    listed: Mapping[str, tuple[str, T]],
+    held: Callable[[], Mapping[str, str]],
+    listed: Iterable[tuple[str, str, T]],
     list_version: str,
     tombstones: Tombstones,
     put: Callable[[T], None],
     drop: Callable[[str], None],
 ) -> Merged:
-    plan = plan_merge(
-        held,
-        {key: version for key, (version, _) in listed.items()},
-        list_version,
-        tombstones.view(),
+    """``plan_merge``'s rules, applied while ``listed`` (key, resourceVersion, object) is read:
+    each object is stored or discarded at once. ``held`` gives the cache's key -> version. A list
+    holds a key once, so what one object stores cannot change the decision about another."""
+    versions, deleted = held(), tombstones.view()
+    seen: set[str] = set()
+    stored = 0
+    for key, version, item in listed:
+        seen.add(key)
+        if _wanted(version, versions.get(key), deleted.get(key)):
+            put(item)
+            stored += 1
+    dropped = tuple(
+        key
+        for key, version in held().items()
+        if key not in seen and at_or_before(version, list_version)
     )
-    for key in plan.put:
-        put(listed[key][1])
-    for key in plan.drop:
+    for key in dropped:
         drop(key)
     tombstones.expire(list_version)
-    return Merged(listed=len(listed), stored=len(plan.put), dropped=plan.drop)
+    return Merged(listed=len(seen), stored=stored, dropped=dropped)
+
+
+class _Versions(Mapping[str, str]):
+    """The resourceVersion of each held object, read from the objects themselves (no copy)."""
+
+    def __init__(self, objects: Mapping[str, Claim] | Mapping[str, Volume]) -> None:
+        self._objects = objects
+
+    def __getitem__(self, key: str) -> str:
+        return self._objects[key].resource_version
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._objects))
+
+    def __len__(self) -> int:
+        return len(self._objects)
 
 
 class Cache:
@@ -152,9 +188,13 @@ class Cache:
         self._volumes: dict[str, Volume] = {}
         self._classes: dict[str, StorageClass] = {}
         self._class_versions: dict[str, str] = {}
+        # Only claims that may still be provisioned (unbound, not deleting): those a new class
+        # lets go ahead. A bound claim never waits for anything.
         self._claims_by_class: defaultdict[str, set[str]] = defaultdict(set)
-        self._volumes_by_dir: defaultdict[str, set[str]] = defaultdict(set)
-        self._dirs_of_volume: dict[str, frozenset[str]] = {}
+        # Directory -> PV names and back, as tuples (one name, one directory: the usual case)
+        # rather than sets, which cost 200 bytes each even when they hold one string.
+        self._volumes_by_dir: dict[str, tuple[str, ...]] = {}
+        self._dirs_of_volume: dict[str, tuple[str, ...]] = {}
         self._deleted_claims = Tombstones()
         self._deleted_volumes = Tombstones()
         self._deleted_classes = Tombstones()
@@ -162,18 +202,29 @@ class Cache:
     # --- claims, keyed by uid ------------------------------------------------------------------
 
     def put_claim(self, claim: Claim) -> None:
+        claim = self._paired_claim(claim)
         self.drop_claim(claim.uid)
         self._claims[claim.uid] = claim
-        if claim.class_name:
+        if claim.class_name and not claim.volume_name and not claim.deleting:
             self._claims_by_class[claim.class_name].add(claim.uid)
 
     def drop_claim(self, uid: str) -> None:
         old = self._claims.pop(uid, None)
-        if old is not None and old.class_name:
+        if old is not None and old.class_name and old.class_name in self._claims_by_class:
             members = self._claims_by_class[old.class_name]
             members.discard(uid)
             if not members:
                 del self._claims_by_class[old.class_name]
+
+    def _paired_claim(self, claim: Claim) -> Claim:
+        """``claim`` holding the very strings its bound PV holds (the PV's name, the uid and name
+        in its claimRef), so that a bound pair stores each of them once."""
+        volume = self._volumes.get(claim.volume_name) if claim.volume_name else None
+        if volume is None or volume.claim_uid != claim.uid or volume.claim_name != claim.name:
+            return claim
+        return dataclasses.replace(
+            claim, uid=volume.claim_uid, name=volume.claim_name, volume_name=volume.name
+        )
 
     def claim_deleted(self, claim: Claim) -> None:
         """A watch DELETED event: drop the claim and remember the deletion (see plan_merge)."""
@@ -183,8 +234,8 @@ class Cache:
     def merge_claims(self, claims: Iterable[Claim], list_version: str) -> Merged:
         """Merge a complete list of claims taken at ``list_version``; returns the dropped uids."""
         return _merge(
-            {uid: claim.resource_version for uid, claim in self._claims.items()},
-            {claim.uid: (claim.resource_version, claim) for claim in claims},
+            lambda: _Versions(self._claims),
+            ((claim.uid, claim.resource_version, claim) for claim in claims),
             list_version,
             self._deleted_claims,
             self.put_claim,
@@ -198,26 +249,45 @@ class Cache:
         return iter(list(self._claims.values()))
 
     def claims_of_class(self, class_name: str) -> list[str]:
+        """Uids of the claims of this class that may still be provisioned (unbound, not being
+        deleted): the ones a newly seen class can let go ahead."""
         return sorted(self._claims_by_class.get(class_name, ()))
 
     # --- volumes, keyed by name ------------------------------------------------------------------
 
     def put_volume(self, volume: Volume) -> None:
+        volume = self._paired_volume(volume)
         self.drop_volume(volume.name)
         self._volumes[volume.name] = volume
-        directories = volume_directories(volume, self.export)
+        directories = tuple(
+            volume.directory if directory == volume.directory else directory
+            for directory in sorted(volume_directories(volume, self.export))
+        )
         if directories:
             self._dirs_of_volume[volume.name] = directories
         for directory in directories:
-            self._volumes_by_dir[directory].add(volume.name)
+            self._volumes_by_dir[directory] = (
+                *self._volumes_by_dir.get(directory, ()),
+                volume.name,
+            )
+
+    def _paired_volume(self, volume: Volume) -> Volume:
+        """``volume`` holding the very strings its bound claim holds (see ``_paired_claim``)."""
+        claim = self._claims.get(volume.claim_uid) if volume.claim_uid else None
+        if claim is None or claim.volume_name != volume.name or claim.name != volume.claim_name:
+            return volume
+        return dataclasses.replace(
+            volume, name=claim.volume_name, claim_uid=claim.uid, claim_name=claim.name
+        )
 
     def drop_volume(self, name: str) -> None:
         self._volumes.pop(name, None)
         for directory in self._dirs_of_volume.pop(name, ()):
-            members = self._volumes_by_dir[directory]
-            members.discard(name)
-            if not members:
-                del self._volumes_by_dir[directory]
+            members = tuple(n for n in self._volumes_by_dir.get(directory, ()) if n != name)
+            if members:
+                self._volumes_by_dir[directory] = members
+            else:
+                self._volumes_by_dir.pop(directory, None)
 
     def volume_deleted(self, volume: Volume) -> bool:
         """A watch DELETED event: drop the PV unless the cache holds a newer one of that name
@@ -233,8 +303,8 @@ class Cache:
     def merge_volumes(self, volumes: Iterable[Volume], list_version: str) -> Merged:
         """Merge a complete list of PVs taken at ``list_version``; returns the dropped names."""
         return _merge(
-            {name: volume.resource_version for name, volume in self._volumes.items()},
-            {volume.name: (volume.resource_version, volume) for volume in volumes},
+            lambda: _Versions(self._volumes),
+            ((volume.name, volume.resource_version, volume) for volume in volumes),
             list_version,
             self._deleted_volumes,
             self.put_volume,
@@ -264,7 +334,7 @@ class Cache:
         prefix = f"{directory}/"
         for recorded, names in self._volumes_by_dir.items():
             if recorded.startswith(prefix):
-                found |= names
+                found.update(names)
         return found
 
     # --- StorageClasses, keyed by name (core.StorageClass has no version: it is kept here) -------
@@ -287,11 +357,11 @@ class Cache:
     ) -> Merged:
         """Merge a complete list of (StorageClass, resourceVersion) taken at ``list_version``."""
         return _merge(
-            dict(self._class_versions),
-            {
-                storage_class.name: (version, (storage_class, version))
+            lambda: dict(self._class_versions),
+            (
+                (storage_class.name, version, (storage_class, version))
                 for storage_class, version in classes
-            },
+            ),
             list_version,
             self._deleted_classes,
             lambda item: self.put_class(*item),

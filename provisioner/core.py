@@ -3,13 +3,33 @@
 The reconciler calls these with plain values read from watch events; nothing here performs I/O,
 so every rule of SPEC §3, §5 and §6 is a table-driven unit test. Kubernetes objects enter as
 JSON dicts and are narrowed at once into the frozen ``Claim``, ``Volume`` and ``StorageClass``.
+
+The cache holds one ``Claim`` and one ``Volume`` per claim and PV of the whole cluster, so the
+narrowing keeps only what a decision reads (slotted dataclasses, no ``__dict__``):
+
+- A claim with ``spec.volumeName`` set, or being deleted, can never be provisioned again (both
+  are one-way): ``decide_claim`` ignores it before reading anything else, so only its identity
+  (uid, namespace, name, class, volume name, deleting, resourceVersion) is kept; its labels,
+  annotations, selector, volumeMode, dataSource, access modes and request are not.
+- Any other claim keeps all its labels and annotations (a class's ``pathPattern`` may read any
+  ``${.PVC.labels.X}`` / ``${.PVC.annotations.X}``) except those under ``kubectl.kubernetes.io/``
+  (``DROPPED_ANNOTATION_PREFIXES``): kubectl's bookkeeping, above all
+  ``last-applied-configuration``, a copy of the whole manifest and often most of the object's
+  size. A pattern naming one of them renders it as missing (empty), like an absent annotation.
+- A PV keeps the fields release, adoption and the collision index read; no other annotation,
+  label, spec field (CSI attributes, node affinity, capacity) or status field but the phase.
+- Repeated strings (namespaces, classes, provisioner names, phases, policies, servers, export
+  paths, label and annotation keys and values) and tuples (finalizers, access modes) are shared:
+  one copy each, from a bounded table (``_shared``), not ``sys.intern``, whose strings Python 3.12
+  never frees. The names a bound claim and its PV both hold are shared by the cache.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from provisioner.config import ANNOTATION_PREFIX, OnDelete
@@ -30,7 +50,20 @@ ANN_ADOPTED = f"{ANNOTATION_PREFIX}/adopted"
 ANN_ON_DELETE_BASIS = f"{ANNOTATION_PREFIX}/on-delete-basis"
 ANN_NOT_ADOPTED = f"{ANNOTATION_PREFIX}/not-adopted"
 
+DROPPED_ANNOTATION_PREFIXES = ("kubectl.kubernetes.io/",)
+"""Claim annotations never kept: kubectl's bookkeeping (``last-applied-configuration`` copies
+the whole manifest). No decision reads them, and a pathPattern naming one renders it empty."""
+
 Body = Mapping[str, Any]
+
+EMPTY: Mapping[str, str] = MappingProxyType({})
+"""The labels and annotations of every claim that keeps none: one shared, read-only mapping."""
+
+MAX_SHARED = 16_384
+"""Distinct strings (and as many tuples) ``_shared`` keeps one copy of; later ones are not shared.
+The bound keeps names that come and go (namespaces, label values) from growing the table."""
+_shared_strings: dict[str, str] = {}
+_shared_tuples: dict[tuple[str, ...], tuple[str, ...]] = {}
 
 
 def _mapping(value: Any) -> Mapping[str, Any]:
@@ -41,7 +74,45 @@ def _strings(value: Any) -> dict[str, str]:
     return {str(k): str(v) for k, v in _mapping(value).items()}
 
 
-@dataclass(frozen=True)
+def _shared(value: Any) -> str:
+    """``str(value)``, as the one copy every object holding an equal string shares (for strings
+    many objects repeat; the table is bounded by ``MAX_SHARED``)."""
+    text = str(value)
+    found = _shared_strings.get(text)
+    if found is not None:
+        return found
+    if len(_shared_strings) < MAX_SHARED:
+        _shared_strings[text] = text
+    return text
+
+
+def _shared_or_none(value: Any) -> str | None:
+    return None if value is None else _shared(value)
+
+
+def _shared_strings_of(value: Any, dropped: tuple[str, ...] = ()) -> Mapping[str, str]:
+    """A str -> str mapping of shared keys and values, without the keys under ``dropped``."""
+    found = {
+        _shared(k): _shared(v) for k, v in _mapping(value).items() if not str(k).startswith(dropped)
+    }
+    return found or EMPTY
+
+
+def _shared_tuple(values: Iterable[Any] | None) -> tuple[str, ...]:
+    """A tuple of shared strings, itself shared: the few distinct finalizer lists and access
+    modes of a cluster are each stored once."""
+    key = tuple(_shared(v) for v in values or ())
+    if not key:
+        return ()
+    found = _shared_tuples.get(key)
+    if found is not None:
+        return found
+    if len(_shared_tuples) < MAX_SHARED:
+        _shared_tuples[key] = key
+    return key
+
+
+@dataclass(frozen=True, slots=True)
 class StorageClass:
     name: str
     provisioner: str
@@ -51,9 +122,10 @@ class StorageClass:
     binding_mode: str = "Immediate"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Claim:
-    """The fields of a PersistentVolumeClaim that provisioning reads; nothing else is kept."""
+    """The fields of a PersistentVolumeClaim that provisioning reads; nothing else is kept (of a
+    bound or deleting claim, only its identity: see the module docstring)."""
 
     uid: str
     namespace: str
@@ -66,8 +138,8 @@ class Claim:
     data_source: str | None = None
     access_modes: tuple[str, ...] = ()
     storage_request: str | None = None
-    labels: Mapping[str, str] = field(default_factory=dict)
-    annotations: Mapping[str, str] = field(default_factory=dict)
+    labels: Mapping[str, str] = field(default_factory=lambda: EMPTY)
+    annotations: Mapping[str, str] = field(default_factory=lambda: EMPTY)
     resource_version: str = ""
 
     @property
@@ -80,7 +152,7 @@ class Claim:
         return f"pvc-{self.uid}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Volume:
     """The fields of a PersistentVolume that release and collision checks read."""
 
@@ -109,69 +181,92 @@ class Volume:
 def storage_class_from(body: Body) -> StorageClass:
     meta = _mapping(body.get("metadata"))
     return StorageClass(
-        name=str(meta.get("name", "")),
-        provisioner=str(body.get("provisioner", "")),
+        name=_shared(meta.get("name", "")),
+        provisioner=_shared(body.get("provisioner", "")),
         parameters=_strings(body.get("parameters")),
-        reclaim_policy=str(body.get("reclaimPolicy") or "Delete"),
+        reclaim_policy=_shared(body.get("reclaimPolicy") or "Delete"),
         mount_options=tuple(str(o) for o in body.get("mountOptions") or ()),
-        binding_mode=str(body.get("volumeBindingMode") or "Immediate"),
+        binding_mode=_shared(body.get("volumeBindingMode") or "Immediate"),
     )
 
 
 def claim_from(body: Body) -> Claim:
     meta = _mapping(body.get("metadata"))
     spec = _mapping(body.get("spec"))
-    annotations = _strings(meta.get("annotations"))
+    raw_annotations = _mapping(meta.get("annotations"))
     # The beta annotation wins over spec.storageClassName (util.GetPersistentVolumeClaimClass).
-    class_name = annotations.get(ANN_STORAGE_CLASS_BETA)
+    class_name = _shared_or_none(raw_annotations.get(ANN_STORAGE_CLASS_BETA))
     if class_name is None and spec.get("storageClassName") is not None:
-        class_name = str(spec["storageClassName"])
+        class_name = _shared(spec["storageClassName"])
+    volume_name = str(spec.get("volumeName") or "")
+    deleting = meta.get("deletionTimestamp") is not None
+    uid = str(meta.get("uid", ""))
+    namespace = _shared(meta.get("namespace", ""))
+    name = str(meta.get("name", ""))
+    resource_version = str(meta.get("resourceVersion", ""))
+    if volume_name or deleting:
+        # Settled for good: decide_claim ignores it before reading any other field.
+        return Claim(
+            uid=uid,
+            namespace=namespace,
+            name=name,
+            class_name=class_name,
+            volume_name=volume_name,
+            deleting=deleting,
+            resource_version=resource_version,
+        )
     source = _mapping(spec.get("dataSourceRef")) or _mapping(spec.get("dataSource"))
     requests = _mapping(_mapping(spec.get("resources")).get("requests"))
     return Claim(
-        uid=str(meta.get("uid", "")),
-        namespace=str(meta.get("namespace", "")),
-        name=str(meta.get("name", "")),
+        uid=uid,
+        namespace=namespace,
+        name=name,
         class_name=class_name,
-        volume_name=str(spec.get("volumeName") or ""),
-        deleting=meta.get("deletionTimestamp") is not None,
+        volume_name=volume_name,
+        deleting=deleting,
         has_selector=bool(spec.get("selector")),
-        volume_mode=str(spec.get("volumeMode") or "Filesystem"),
+        volume_mode=_shared(spec.get("volumeMode") or "Filesystem"),
         data_source=(f"{source.get('kind', '?')}/{source.get('name', '?')}" if source else None),
-        access_modes=tuple(str(m) for m in spec.get("accessModes") or ()),
-        storage_request=str(requests["storage"]) if "storage" in requests else None,
-        labels=_strings(meta.get("labels")),
-        annotations=annotations,
-        resource_version=str(meta.get("resourceVersion", "")),
+        access_modes=_shared_tuple(spec.get("accessModes")),
+        storage_request=_shared(requests["storage"]) if "storage" in requests else None,
+        labels=_shared_strings_of(meta.get("labels")),
+        annotations=_shared_strings_of(raw_annotations, DROPPED_ANNOTATION_PREFIXES),
+        resource_version=resource_version,
     )
+
+
+def _annotation(annotations: Mapping[str, Any], key: str) -> str | None:
+    value = annotations.get(key)
+    return None if value is None else str(value)
 
 
 def volume_from(body: Body) -> Volume:
     meta = _mapping(body.get("metadata"))
     spec = _mapping(body.get("spec"))
-    annotations = _strings(meta.get("annotations"))
+    annotations = _mapping(meta.get("annotations"))
     claim_ref = _mapping(spec.get("claimRef"))
+    nfs = _mapping(spec.get("nfs"))
     return Volume(
         name=str(meta.get("name", "")),
-        provisioned_by=annotations.get(ANN_PROVISIONED_BY),
-        phase=str(_mapping(body.get("status")).get("phase") or ""),
-        reclaim_policy=str(spec.get("persistentVolumeReclaimPolicy") or "Retain"),
+        provisioned_by=_shared_or_none(annotations.get(ANN_PROVISIONED_BY)),
+        phase=_shared(_mapping(body.get("status")).get("phase") or ""),
+        reclaim_policy=_shared(spec.get("persistentVolumeReclaimPolicy") or "Retain"),
         deleting=meta.get("deletionTimestamp") is not None,
-        finalizers=tuple(str(f) for f in meta.get("finalizers") or ()),
+        finalizers=_shared_tuple(meta.get("finalizers")),
         claim_uid=str(claim_ref["uid"]) if claim_ref.get("uid") else None,
-        claim_namespace=str(claim_ref["namespace"]) if claim_ref.get("namespace") else None,
+        claim_namespace=_shared(claim_ref["namespace"]) if claim_ref.get("namespace") else None,
         claim_name=str(claim_ref["name"]) if claim_ref.get("name") else None,
-        storage_class=str(spec.get("storageClassName") or ""),
-        directory=annotations.get(ANN_DIRECTORY),
-        export_path=annotations.get(ANN_EXPORT_PATH),
-        on_delete=annotations.get(ANN_ON_DELETE),
+        storage_class=_shared(spec.get("storageClassName") or ""),
+        directory=_annotation(annotations, ANN_DIRECTORY),
+        export_path=_shared_or_none(annotations.get(ANN_EXPORT_PATH)),
+        on_delete=_shared_or_none(annotations.get(ANN_ON_DELETE)),
         resource_version=str(meta.get("resourceVersion", "")),
         uid=str(meta.get("uid", "")),
-        nfs_path=str(nfs["path"]) if (nfs := _mapping(spec.get("nfs"))).get("path") else None,
-        nfs_server=str(nfs["server"]) if nfs.get("server") else None,
-        adopted=annotations.get(ANN_ADOPTED),
-        on_delete_basis=annotations.get(ANN_ON_DELETE_BASIS),
-        not_adopted=annotations.get(ANN_NOT_ADOPTED),
+        nfs_path=str(nfs["path"]) if nfs.get("path") else None,
+        nfs_server=_shared(nfs["server"]) if nfs.get("server") else None,
+        adopted=_annotation(annotations, ANN_ADOPTED),
+        on_delete_basis=_annotation(annotations, ANN_ON_DELETE_BASIS),
+        not_adopted=_annotation(annotations, ANN_NOT_ADOPTED),
     )
 
 

@@ -14,6 +14,8 @@ from collections.abc import Iterable
 from typing import Any
 
 import kopf
+from kopf._cogs.structs import bodies, ephemera
+from kopf._core.reactor import inventory
 
 from provisioner import core
 from provisioner.reconciler import Reconciler
@@ -42,6 +44,25 @@ class NoDiffBase(kopf.DiffBaseStorage):
         return None
 
 
+class Memoryless(inventory.ResourceMemories):
+    """Remembers nothing per object. kopf keeps a ResourceMemory for the uid of every object it
+    watches (memo, error throttler, index and daemon state), for every claim and PV of the
+    cluster; change handlers, daemons and indices read it, ``@kopf.on.event`` handlers none of
+    it. Ephemeral memories are kopf's own (its admission webhooks use them)."""
+
+    async def recall(
+        self,
+        raw_body: bodies.RawBody,
+        *,
+        memobase: ephemera.AnyMemo | None = None,
+        noticed_by_listing: bool = False,
+        ephemeral: bool = False,
+    ) -> inventory.ResourceMemory:
+        return await super().recall(
+            raw_body, memobase=memobase, noticed_by_listing=noticed_by_listing, ephemeral=True
+        )
+
+
 def configure(settings: kopf.OperatorSettings) -> None:
     """kopf settings that keep the framework off users' objects and out of extra RBAC."""
     settings.persistence.diffbase_storage = NoDiffBase()
@@ -51,6 +72,11 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.watching.connect_timeout = 30
+    # Every claim and PV of a large cluster passes through here (tests/bench/memory.py): list in
+    # pages, and let each object's worker exit soon after its event. An idle worker keeps its
+    # last event's body, so with kopf's 5 s every listed body would be alive at once at start-up.
+    settings.watching.chunk_size = 500
+    settings.queueing.idle_timeout = 0.2
 
 
 def register(registry: kopf.OperatorRegistry, reconciler: Reconciler) -> None:

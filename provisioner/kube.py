@@ -19,18 +19,23 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote, urlencode
 
 import kubernetes.client
 import kubernetes.config
 
-from provisioner import events
+from provisioner import core, events
 from provisioner.fence import Fence, Fenced
 
 logger = logging.getLogger(__name__)
 
 JSON = dict[str, Any]
+T = TypeVar("T")
+
+
+def _as_is(body: JSON) -> JSON:
+    return body
 
 
 class ApiError(Exception):
@@ -487,52 +492,48 @@ class KubeApi:
         except NotFound:
             return None
 
-    async def list_all(self, path: str, page: int = 500) -> list[JSON]:
-        """Every item of a list, fetched in pages of ``page`` (limit/continue)."""
-        items: list[JSON] = []
-        query = {"limit": str(page)}
-        while True:
-            result = await self.request("GET", path, query=query)
-            items.extend(result.get("items") or [])
-            token = (result.get("metadata") or {}).get("continue")
-            if not token:
-                return items
-            query = {"limit": str(page), "continue": str(token)}
+    async def list_all(self, path: str, narrow: Callable[[JSON], T], page: int = 500) -> list[T]:
+        """Every item of a list, fetched in pages of ``page`` (limit/continue), each narrowed as
+        its page arrives: one page of bodies is alive at a time, never every claim or PV of the
+        cluster as JSON (ten times their narrowed size and more)."""
+        return (await self.list_all_versioned(path, narrow, page))[0]
 
-    async def list_claims(self) -> list[JSON]:
-        return await self.list_all("/api/v1/persistentvolumeclaims")
+    async def list_claims(self) -> list[core.Claim]:
+        return await self.list_all("/api/v1/persistentvolumeclaims", core.claim_from)
 
-    async def list_volumes(self) -> list[JSON]:
-        return await self.list_all("/api/v1/persistentvolumes")
+    async def list_volumes(self) -> list[core.Volume]:
+        return await self.list_all("/api/v1/persistentvolumes", core.volume_from)
 
-    async def list_all_versioned(self, path: str, page: int = 500) -> tuple[list[JSON], str]:
+    async def list_all_versioned(
+        self, path: str, narrow: Callable[[JSON], T], page: int = 500
+    ) -> tuple[list[T], str]:
         """Every item of a list, as ``list_all``, and the list's ``metadata.resourceVersion``.
 
         All pages of one list are a single snapshot (the continue token carries it), taken at
         the first page's resourceVersion. An expired continue token is an ApiError (410): the
         caller lists again from the start.
         """
-        items: list[JSON] = []
+        items: list[T] = []
         query = {"limit": str(page)}
         version = ""
         while True:
             result = await self.request("GET", path, query=query)
             metadata = result.get("metadata") or {}
             version = version or str(metadata.get("resourceVersion") or "")
-            items.extend(result.get("items") or [])
+            items.extend(map(narrow, result.pop("items", None) or ()))
             token = metadata.get("continue")
             if not token:
                 return items, version
             query = {"limit": str(page), "continue": str(token)}
 
-    async def list_claims_versioned(self) -> tuple[list[JSON], str]:
-        return await self.list_all_versioned("/api/v1/persistentvolumeclaims")
+    async def list_claims_versioned(self) -> tuple[list[core.Claim], str]:
+        return await self.list_all_versioned("/api/v1/persistentvolumeclaims", core.claim_from)
 
-    async def list_volumes_versioned(self) -> tuple[list[JSON], str]:
-        return await self.list_all_versioned("/api/v1/persistentvolumes")
+    async def list_volumes_versioned(self) -> tuple[list[core.Volume], str]:
+        return await self.list_all_versioned("/api/v1/persistentvolumes", core.volume_from)
 
     async def list_classes_versioned(self) -> tuple[list[JSON], str]:
-        return await self.list_all_versioned("/apis/storage.k8s.io/v1/storageclasses")
+        return await self.list_all_versioned("/apis/storage.k8s.io/v1/storageclasses", _as_is)
 
     # --- Events --------------------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ async def run(settings: Settings, calls: Syscalls) -> tuple[int, str]:
     except Exception as error:  # noqa: BLE001 - any config failure is reported, not raised
         return 1, f"migration: no Kubernetes configuration: {error}"
     try:
-        volume_bodies = await kube.list_volumes()
+        listed = await kube.list_volumes()
         class_bodies, _ = await kube.list_classes_versioned()
     except ApiError as error:
         return 1, f"migration: cannot list PersistentVolumes and StorageClasses: {error}"
@@ -35,7 +35,7 @@ async def run(settings: Settings, calls: Syscalls) -> tuple[int, str]:
         storage_class.name: storage_class
         for storage_class in (core.storage_class_from(body) for body in class_bodies)
     }
-    volumes = sorted((core.volume_from(body) for body in volume_bodies), key=lambda v: v.name)
+    volumes = sorted(listed, key=lambda v: v.name)
     export = core.Export(settings.nfs_server, settings.nfs_path)
     storage = Storage(Path(settings.mount_path), calls, timeout=settings.fs_timeout)
     rows: list[adoption.Row] = []

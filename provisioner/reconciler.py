@@ -639,10 +639,8 @@ async def relist(reconciler: Reconciler) -> tuple[Merged, Merged, Merged]:
     claims, claims_version = await kube.list_claims_versioned()
     volumes, volumes_version = await kube.list_volumes_versioned()
     classes, classes_version = await kube.list_classes_versioned()
-    merged_claims = cache.merge_claims((core.claim_from(body) for body in claims), claims_version)
-    merged_volumes = cache.merge_volumes(
-        (core.volume_from(body) for body in volumes), volumes_version
-    )
+    merged_claims = cache.merge_claims(claims, claims_version)
+    merged_volumes = cache.merge_volumes(volumes, volumes_version)
     merged_classes = cache.merge_classes(
         ((core.storage_class_from(body), core.resource_version(body)) for body in classes),
         classes_version,

@@ -55,8 +55,8 @@ async def _sweep(
             logger.warning("orphan sweep: intent record %s is unreadable; left alone", name)
         if not intents:
             return []
-        claims = [core.claim_from(body) for body in await kube.list_claims()]
-        volumes = [core.volume_from(body) for body in await kube.list_volumes()]
+        claims = await kube.list_claims()
+        volumes = await kube.list_volumes()
     except (StorageError, Redirected, ApiError) as error:
         logger.warning("orphan sweep skipped: %s", error)
         return []

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from provisioner import core
 from provisioner.kube import JSON, ApiError, Conflict, NotFound, ObjectRef
 
 
@@ -193,21 +194,21 @@ class FakeKube:
     def _version(self) -> str:
         return str(next(self._versions))
 
-    async def list_claims(self) -> list[JSON]:
+    async def list_claims(self) -> list[core.Claim]:
         self._enter("list_claims")
-        return copy.deepcopy(list(self.claims.values()))
+        return [core.claim_from(body) for body in self.claims.values()]
 
-    async def list_volumes(self) -> list[JSON]:
+    async def list_volumes(self) -> list[core.Volume]:
         self._enter("list_volumes")
-        return copy.deepcopy(list(self.volumes.values()))
+        return [core.volume_from(body) for body in self.volumes.values()]
 
-    async def list_claims_versioned(self) -> tuple[list[JSON], str]:
+    async def list_claims_versioned(self) -> tuple[list[core.Claim], str]:
         self._enter("list_claims_versioned")
-        return copy.deepcopy(list(self.claims.values())), self._version()
+        return [core.claim_from(body) for body in self.claims.values()], self._version()
 
-    async def list_volumes_versioned(self) -> tuple[list[JSON], str]:
+    async def list_volumes_versioned(self) -> tuple[list[core.Volume], str]:
         self._enter("list_volumes_versioned")
-        return copy.deepcopy(list(self.volumes.values())), self._version()
+        return [core.volume_from(body) for body in self.volumes.values()], self._version()
 
     async def list_classes_versioned(self) -> tuple[list[JSON], str]:
         self._enter("list_classes_versioned")
