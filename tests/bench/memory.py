@@ -30,16 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import kubernetes.client
-
 from controlplane.runner import (
     KUBE_CONTROLLER_MANAGER,
     ControlPlane,
     free_port,
-    kubectl_binary,
     resolve_binaries,
 )
-from provisioner.kube import load_api_client
+from tests.bench.rawapi import JSON, RawApi, kubectl
 
 REPO = Path(__file__).resolve().parents[2]
 PROVISIONER = "bench.nfs.io/nfs"
@@ -59,10 +56,11 @@ RELIST_WAIT = 40.0  # seconds to wait for the re-list that kopf's own start-up l
 
 
 class Api:
-    """The generic call path of the kubernetes client (no model objects), shared by threads."""
+    """``RawApi`` (the generic call path, shared by threads) with retries: the population is
+    created while the API server is busiest."""
 
     def __init__(self, kubeconfig: Path, threads: int) -> None:
-        self.client = load_api_client(threads, str(kubeconfig))
+        self.raw = RawApi(kubeconfig, pool=threads)
 
     def call(
         self,
@@ -71,47 +69,27 @@ class Api:
         body: Any = None,
         content_type: str = "application/json",
         attempts: int = 6,
-    ) -> bytes:
-        """The response body; 4xx but 409 fail at once, the rest is retried with backoff."""
+    ) -> JSON:
+        """The decoded response body; 404 and 409 raise ``Rejected`` at once, other 4xx (but
+        429) fail at once, the rest (and connection errors) is retried with backoff."""
         for attempt in range(attempts):
-            status, data = self._once(method, path, body, content_type)
-            if 200 <= status < 300 or status in (404, 409):
-                if status >= 300:
-                    raise Rejected(status, data)
+            try:
+                status, data = self.raw.call(method, path, body, content_type)
+            except Exception as error:  # noqa: BLE001 - a connection error is retried
+                status, data = 0, {"message": str(error)}
+            if 200 <= status < 300:
                 return data
+            if status in (404, 409):
+                raise Rejected(status, data)
             if 400 <= status < 500 and status != 429:
-                raise RuntimeError(f"{method} {path}: {status} {data[:300]!r}")
+                raise RuntimeError(f"{method} {path}: {status} {str(data)[:300]}")
             time.sleep(0.2 * 2**attempt)
         raise RuntimeError(f"{method} {path}: still failing after {attempts} attempts")
 
-    def _once(self, method: str, path: str, body: Any, content_type: str) -> tuple[int, bytes]:
-        _m, url, headers, serialized, _ = self.client.param_serialize(
-            method=method,
-            resource_path=path,
-            header_params={"Accept": "application/json", "Content-Type": content_type},
-            body=body,
-            auth_settings=["BearerToken"],
-        )
-        try:
-            response = self.client.call_api(
-                method, url, header_params=headers, body=serialized, _request_timeout=60
-            )
-            data = response.read()
-            response.response.release_conn()
-        except kubernetes.client.ApiException as error:
-            return int(error.status or 0), str(error.body).encode()
-        except Exception as error:  # noqa: BLE001 - a connection error is retried
-            return 0, str(error).encode()
-        return int(response.status), bytes(data or b"")
-
-    def json(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
-        result: dict[str, Any] = json.loads(self.call(method, path, body))
-        return result
-
 
 class Rejected(Exception):
-    def __init__(self, status: int, data: bytes) -> None:
-        super().__init__(f"{status}: {data[:200]!r}")
+    def __init__(self, status: int, data: JSON) -> None:
+        super().__init__(f"{status}: {str(data)[:200]}")
         self.status = status
 
 
@@ -247,11 +225,11 @@ def create_pair(api: Api, index: int, ours_every: int) -> None:
     meta = claim["metadata"]
     claims = f"/api/v1/namespaces/{meta['namespace']}/persistentvolumeclaims"
     try:
-        created = api.json("POST", claims, claim)
+        created = api.call("POST", claims, claim)
     except Rejected as error:
         if error.status != 409:
             raise
-        created = api.json("GET", f"{claims}/{meta['name']}")  # an earlier attempt made it
+        created = api.call("GET", f"{claims}/{meta['name']}")  # an earlier attempt made it
         claim["spec"]["volumeName"] = created["spec"]["volumeName"]
     volume = volume_body(claim, created["metadata"]["uid"], kind)
     with contextlib.suppress(Rejected):  # 409: an earlier attempt made it
@@ -316,7 +294,7 @@ def grow(api: Api, start: int, stop: int, ours_every: int, threads: int) -> floa
 
 def revision(api: Api) -> int:
     """The store's current revision (a list's resourceVersion)."""
-    return int(api.json("GET", "/api/v1/namespaces?limit=1")["metadata"]["resourceVersion"])
+    return int(api.call("GET", "/api/v1/namespaces?limit=1")["metadata"]["resourceVersion"])
 
 
 def settle(api: Api, timeout: float = 120.0) -> float:
@@ -626,18 +604,8 @@ def slope(points: list[tuple[float, float]]) -> float | None:
 # --- the run -------------------------------------------------------------------------------------
 
 
-def _kubectl(plane: ControlPlane, *args: str, stdin: str | None = None) -> None:
-    subprocess.run(
-        [str(kubectl_binary()), f"--kubeconfig={plane.admin_kubeconfig}", *args],
-        input=stdin,
-        text=True,
-        check=True,
-        capture_output=True,
-    )
-
-
 def _setup(plane: ControlPlane, work: Path, api: Api) -> Bench:
-    _kubectl(plane, "apply", "-k", str(REPO / "rbac"))
+    kubectl(plane, "apply", "-k", str(REPO / "rbac"))
     for index in range(NAMESPACES):
         with contextlib.suppress(Rejected):
             api.call("POST", "/api/v1/namespaces", {"metadata": {"name": namespace_of(index)}})
@@ -668,7 +636,7 @@ def _setup(plane: ControlPlane, work: Path, api: Api) -> Bench:
         "LOG_LEVEL": "INFO",
         "LOG_FORMAT": "json",
     }
-    cluster = api.json("GET", "/api/v1/namespaces/kube-system")["metadata"]["uid"]
+    cluster = api.call("GET", "/api/v1/namespaces/kube-system")["metadata"]["uid"]
     return Bench(plane, work, api, env, str(cluster))
 
 

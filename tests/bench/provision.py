@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from controlplane.runner import ControlPlane, kubectl_binary, pinned_versions, resolve_binaries
+from controlplane.runner import ControlPlane, pinned_versions, resolve_binaries
 from provisioner.core import FINALIZER
 from tests.bench import audit, ceiling
-from tests.bench.rawapi import JSON, RawApi
+from tests.bench.rawapi import JSON, RawApi, kubectl
 
 REPO = Path(__file__).resolve().parents[2]
 PROVISIONER = "bench.nfs.io/nfs"
@@ -648,18 +648,8 @@ def print_report(result: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- orchestration
 
 
-def _kubectl(plane: ControlPlane, *args: str, stdin: str | None = None) -> None:
-    subprocess.run(
-        [str(kubectl_binary()), f"--kubeconfig={plane.admin_kubeconfig}", *args],
-        input=stdin,
-        text=True,
-        check=True,
-        capture_output=True,
-    )
-
-
 def setup(plane: ControlPlane, work: Path, claims: int) -> Bench:
-    _kubectl(plane, "apply", "-k", str(REPO / "rbac"))
+    kubectl(plane, "apply", "-k", str(REPO / "rbac"))
     storage_class = {
         "apiVersion": "storage.k8s.io/v1",
         "kind": "StorageClass",
@@ -667,7 +657,7 @@ def setup(plane: ControlPlane, work: Path, claims: int) -> Bench:
         "provisioner": PROVISIONER,
         "parameters": {"archiveOnDelete": "false"},
     }
-    _kubectl(plane, "apply", "-f", "-", stdin=json.dumps(storage_class))
+    kubectl(plane, "apply", "-f", "-", stdin=json.dumps(storage_class))
     export = work / "export"
     export.mkdir()
     sa = plane.service_account_kubeconfig(audit.SA_NAMESPACE, audit.SA_NAME, work / "sa")

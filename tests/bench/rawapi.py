@@ -10,6 +10,7 @@ Synchronous and thread-safe (urllib3's pool); an HTTP error status is returned, 
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from urllib.parse import urlencode
 
 import kubernetes.client
 
+from controlplane.runner import ControlPlane, kubectl_binary
 from provisioner.kube import load_api_client
 
 JSON = dict[str, Any]
@@ -85,3 +87,14 @@ class RawApi:
                     yield json.loads(line)
         finally:
             stream.release_conn()
+
+
+def kubectl(plane: ControlPlane, *args: str, stdin: str | None = None) -> None:
+    """Run kubectl as the control plane's admin (set-up: RBAC, namespaces, classes)."""
+    subprocess.run(
+        [str(kubectl_binary()), f"--kubeconfig={plane.admin_kubeconfig}", *args],
+        input=stdin,
+        text=True,
+        check=True,
+        capture_output=True,
+    )
