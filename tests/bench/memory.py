@@ -685,7 +685,11 @@ def _measure(
         print(f"bench: {json.dumps(row)}", file=sys.stderr)
         if not (failover and size == sizes[-1]):
             leader.stop()
-    change = leader_change(bench, created, leader, max(180.0, created / 50)) if leader else None
+    change = (
+        leader_change(bench, created, leader, max(180.0, created / 50))
+        if failover and leader
+        else None
+    )
     rss_slope = slope([(r["objects"], r["rss_mib"] * 1024) for r in rows])
     hwm_slope = slope([(r["objects"], r["hwm_mib"] * 1024) for r in rows])
     return {
@@ -694,7 +698,7 @@ def _measure(
             "rss": None if rss_slope is None else round(rss_slope, 2),
             "hwm": None if hwm_slope is None else round(hwm_slope, 2),
         },
-        "leader_change": change if failover else None,
+        "leader_change": change,
         "population_builds": builds,
         "population": (
             f"bound claim/PV pairs in {NAMESPACES} namespaces: one in {ours_every} of "
