@@ -195,6 +195,10 @@ class Cache:
         # rather than sets, which cost 200 bytes each even when they hold one string.
         self._volumes_by_dir: dict[str, tuple[str, ...]] = {}
         self._dirs_of_volume: dict[str, tuple[str, ...]] = {}
+        # Ancestor -> the recorded directories strictly inside it, so that the overlap check of
+        # every provisioning is O(depth), not a scan of every PV. Empty with the default naming
+        # (one component); a pathPattern's nesting adds an entry per intermediate directory.
+        self._nested: dict[str, set[str]] = {}
         self._deleted_claims = Tombstones()
         self._deleted_volumes = Tombstones()
         self._deleted_classes = Tombstones()
@@ -266,10 +270,11 @@ class Cache:
         if directories:
             self._dirs_of_volume[volume.name] = directories
         for directory in directories:
-            self._volumes_by_dir[directory] = (
-                *self._volumes_by_dir.get(directory, ()),
-                volume.name,
-            )
+            holders = self._volumes_by_dir.get(directory, ())
+            self._volumes_by_dir[directory] = (*holders, volume.name)
+            if not holders:
+                for ancestor in _ancestors(directory):
+                    self._nested.setdefault(ancestor, set()).add(directory)
 
     def _paired_volume(self, volume: Volume) -> Volume:
         """``volume`` holding the very strings its bound claim holds (see ``_paired_claim``)."""
@@ -286,8 +291,14 @@ class Cache:
             members = tuple(n for n in self._volumes_by_dir.get(directory, ()) if n != name)
             if members:
                 self._volumes_by_dir[directory] = members
-            else:
-                self._volumes_by_dir.pop(directory, None)
+                continue
+            self._volumes_by_dir.pop(directory, None)
+            for ancestor in _ancestors(directory):
+                inside = self._nested.get(ancestor)
+                if inside is not None:
+                    inside.discard(directory)
+                    if not inside:
+                        del self._nested[ancestor]
 
     def volume_deleted(self, volume: Volume) -> bool:
         """A watch DELETED event: drop the PV unless the cache holds a newer one of that name
@@ -327,14 +338,11 @@ class Cache:
         A claim must not get a directory inside another volume's (or around it): that would
         hand one tenant's data to another through a crafted pathPattern input.
         """
-        parts = directory.split("/")
-        found: set[str] = set()
-        for depth in range(1, len(parts) + 1):
-            found |= self.volumes_recording("/".join(parts[:depth]))
-        prefix = f"{directory}/"
-        for recorded, names in self._volumes_by_dir.items():
-            if recorded.startswith(prefix):
-                found.update(names)
+        found = self.volumes_recording(directory)
+        for ancestor in _ancestors(directory):
+            found.update(self._volumes_by_dir.get(ancestor, ()))
+        for inside in self._nested.get(directory, ()):
+            found.update(self._volumes_by_dir[inside])
         return found
 
     # --- StorageClasses, keyed by name (core.StorageClass has no version: it is kept here) -------
@@ -373,3 +381,11 @@ class Cache:
 
     def counts(self) -> tuple[int, int]:
         return len(self._claims), len(self._volumes)
+
+
+def _ancestors(directory: str) -> Iterator[str]:
+    """The proper ancestors of a relative directory: ``a/b/c`` -> ``a``, ``a/b``."""
+    end = directory.find("/")
+    while end != -1:
+        yield directory[:end]
+        end = directory.find("/", end + 1)

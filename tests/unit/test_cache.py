@@ -4,9 +4,11 @@ the merge of complete lists with watch events (newer wins, tombstones, pruning a
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from provisioner.cache import Cache, Tombstones, at_or_before, newer, plan_merge
-from provisioner.core import Claim, Export, StorageClass, Volume
+from provisioner.core import Claim, Export, StorageClass, Volume, dirs_overlap
 
 EXPORT = Export("nas.example", "/exports")
 
@@ -86,6 +88,32 @@ def test_replaced_volume_is_indexed_by_its_new_directory(cache: Cache) -> None:
     cache.put_volume(volume("pv-a", "ns/moved"))
     assert cache.volumes_overlapping("ns/app") == set()
     assert cache.volumes_overlapping("ns/moved") == {"pv-a"}
+
+
+_DIRS = st.lists(st.sampled_from(["a", "b", "ab", "a.b"]), min_size=1, max_size=3).map("/".join)
+_STEPS = st.lists(
+    st.tuples(st.sampled_from(["put", "drop"]), st.sampled_from(["p1", "p2", "p3", "p4"]), _DIRS),
+    max_size=25,
+)
+
+
+@given(steps=_STEPS, probe=_DIRS)
+def test_volumes_overlapping_agrees_with_a_scan_of_every_pv(
+    steps: list[tuple[str, str, str]], probe: str
+) -> None:
+    """The ancestor index answers what comparing the probe with every recorded directory does,
+    whatever sequence of puts, moves and drops built it (names and nesting share prefixes)."""
+    c = Cache(EXPORT)
+    recorded: dict[str, str] = {}
+    for action, name, directory in steps:
+        if action == "put":
+            c.put_volume(volume(name, directory))
+            recorded[name] = directory
+        else:
+            c.drop_volume(name)
+            recorded.pop(name, None)
+    expected = {name for name, d in recorded.items() if dirs_overlap(d, probe)}
+    assert c.volumes_overlapping(probe) == expected
 
 
 # --- resourceVersions ------------------------------------------------------------------------
