@@ -57,11 +57,14 @@ dev-cluster-down: setup
 	$(PY) -m controlplane.runner down --state .dev
 
 # One control plane: the API server's ceiling, then the provisioner at QPS 5/10, 1000/2000 and the
-# defaults, N claims each (tests/bench/provision.py). HOLD=20000: then memory and start-up with
-# HOLD claim/PV pairs cached, measured at a quarter, half and all of it (tests/bench/memory.py,
-# its own control plane; the population is created directly, not provisioned).
+# defaults, then a bare provisioner as yardstick, N claims each (tests/bench/provision.py), with
+# each process's CPU per claim. PROFILE=qps1000 adds py-spy's view of that run's provisioning.
+# HOLD=20000: then memory and start-up with HOLD claim/PV pairs cached, measured at a quarter, half
+# and all of it (tests/bench/memory.py, its own control plane; the population is created directly,
+# not provisioned).
 bench: controlplane
-	$(PY) -m tests.bench.provision --claims $(N)
+	@if [ -n "$(PROFILE)" ]; then $(PY) -m pip install --quiet -c constraints.txt -e '.[bench]'; fi
+	$(PY) -m tests.bench.provision --claims $(N) $(if $(PROFILE),--profile $(PROFILE))
 	@if [ -n "$(HOLD)" ]; then \
 		sizes="0,$$(( $(HOLD) / 4 )),$$(( $(HOLD) / 2 )),$(HOLD)"; \
 		echo "$(PY) -m tests.bench.memory --sizes $$sizes"; \

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -31,7 +32,7 @@ from typing import Any
 
 from controlplane.runner import ControlPlane, pinned_versions, resolve_binaries
 from provisioner.core import FINALIZER
-from tests.bench import audit, ceiling
+from tests.bench import audit, bare, ceiling, cpu
 from tests.bench.rawapi import JSON, RawApi, kubectl
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,6 +44,8 @@ QUIET = 2.0
 """Seconds without a request of the provisioner (election and watches aside) that end a phase."""
 SETTLE_LIMIT = 180.0
 """Seconds a phase may stay busy after its last object is done before its window is closed."""
+IDLE_SAMPLE = 3.0
+"""Seconds of a quiet provisioner and control plane whose CPU is subtracted as idle."""
 STARTUP_RELIST = 8.0
 """Seconds after the start-up gate within which the provisioner's second list is awaited."""
 RESYNC_PERIOD = 5
@@ -244,26 +247,29 @@ def kib(pid: int, field_name: str) -> int:
 class Provisioner:
     """``python -m provisioner`` under the ServiceAccount, logging (INFO) to a file."""
 
+    command: tuple[str, ...] = (sys.executable, "-m", "provisioner")
+    ready = "start-up gate:"
+
     def __init__(self, base_env: dict[str, str], env: dict[str, str], log: Path) -> None:
         self.env = {**base_env, **env}
         self.log = log
         self.process: subprocess.Popen[bytes] | None = None
         self.peak_rss_kib = 0
 
-    def start(self, audit_log: audit.AuditLog, timeout: float = 120) -> None:
-        """Start; return once it leads, has reconciled what exists, and has gone quiet."""
+    def _spawn(self, timeout: float) -> None:
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "provisioner"],
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
+                self.command, env=self.env, stdout=out, stderr=subprocess.STDOUT
             )
         deadline = time.monotonic() + timeout
-        while "start-up gate:" not in self.text():
+        while self.ready not in self.text():
             if self.exited() or time.monotonic() > deadline:
-                raise SystemExit(f"bench: the provisioner did not start leading:\n{self.tail()}")
+                raise SystemExit(f"bench: {self.command[-1]} did not get ready:\n{self.tail()}")
             time.sleep(0.1)
+
+    def start(self, audit_log: audit.AuditLog, timeout: float = 120) -> None:
+        """Start; return once it leads, has reconciled what exists, and has gone quiet."""
+        self._spawn(timeout)
         # kopf's own first lists arrive around the gate; the reconciler then lists again
         # (reconciler.RELIST_SETTLE, 5 s, later: "watch re-listed"). That is start-up too.
         gate = time.time()
@@ -297,6 +303,17 @@ class Provisioner:
             self.process.kill()
             self.process.wait()
         self.process = None
+
+
+class BareProvisioner(Provisioner):
+    """bare.py, the yardstick: ready once it watches."""
+
+    command: tuple[str, ...] = (sys.executable, "-m", "tests.bench.bare", "--storage-class", CLASS)
+    ready = bare.READY
+
+    def start(self, audit_log: audit.AuditLog, timeout: float = 120) -> None:
+        self.command = (*type(self).command, "--kubeconfig", self.env["KUBECONFIG"])
+        self._spawn(timeout)
 
 
 # --------------------------------------------------------------------------- one run
@@ -339,6 +356,8 @@ class Bench:
 
     rss_kib: dict[str, dict[str, int]] = field(default_factory=dict)
     """Run -> phase -> the VmHWM of that phase's provisioner."""
+    profile: frozenset[str] = frozenset()
+    """Runs whose provision phase py-spy records (``--profile``)."""
 
     @contextlib.contextmanager
     def running(
@@ -353,6 +372,31 @@ class Bench:
         finally:
             provisioner.stop()
             self.rss_kib.setdefault(spec.name, {})[phase] = provisioner.peak_rss_kib
+
+    @contextlib.contextmanager
+    def measured(
+        self, provisioner: Provisioner, spec: RunSpec, phase: str, into: dict[str, Any]
+    ) -> Iterator[cpu.CpuMeter]:
+        """CPU time of the provisioner and of each control-plane process over the block, and a
+        py-spy profile of the provisioner when ``--profile`` names this run (provision only)."""
+        assert provisioner.process is not None
+        pids = {"provisioner": provisioner.process.pid}
+        pids |= {record.component: record.pid for record in self.plane.processes}
+        meter = cpu.CpuMeter(pids)
+        meter.idle(IDLE_SAMPLE)
+        profile = None
+        if spec.name in self.profile and phase == "provision":
+            profile = cpu.Profile(pids["provisioner"], self.work / f"py-spy-{spec.name}.txt")
+            profile.start()
+        meter.start()
+        try:
+            yield meter
+        finally:
+            meter.mark("settled")
+            into[f"cpu_ms_per_{phase}"] = meter.per(self.claims)
+            summary = profile.stop() if profile is not None else None
+            if summary is not None:
+                into["profile"] = dataclasses.asdict(summary)
 
     def wait_timeout(self) -> float:
         """For every PV of a run (or every PV gone): generous even at QPS 5."""
@@ -371,11 +415,16 @@ def run_one(bench: Bench, spec: RunSpec) -> dict[str, Any]:
 
     # Provision: claims created at once, until every claim is Bound and the provisioner is quiet.
     print(f"bench: {spec.label}: provisioning {bench.claims} claims", file=sys.stderr)
-    with bench.running(spec, "provision") as provisioner:
+    measured: dict[str, Any] = {}
+    with (
+        bench.running(spec, "provision") as provisioner,
+        bench.measured(provisioner, spec, "provision", measured) as meter,
+    ):
         started = time.time()
         created = create_claims(bench.admin, namespace, names)
         uids = list(created)
         last_volume = wait_all("every PV", line.volume, uids, timeout, provisioner)
+        meter.mark("every PV")
         last_bound = wait_all("every claim Bound", line.bound, uids, timeout, provisioner)
         settled = log.wait_quiet(time.time(), QUIET, SETTLE_LIMIT)
         provision = Window(started, time.time(), settled)
@@ -393,7 +442,10 @@ def run_one(bench: Bench, spec: RunSpec) -> dict[str, Any]:
 
     # Release: every claim deleted at once, until every PV is gone and the provisioner is quiet.
     print(f"bench: {spec.label}: deleting {bench.claims} claims", file=sys.stderr)
-    with bench.running(spec, "release") as provisioner:
+    with (
+        bench.running(spec, "release") as provisioner,
+        bench.measured(provisioner, spec, "release", measured) as meter,
+    ):
         deleting = time.time()
         deleted = delete_claims(bench.admin, namespace, dict(zip(names, uids, strict=True)))
         last_gone = wait_all("every PV gone", line.gone, uids, timeout, provisioner)
@@ -433,6 +485,7 @@ def run_one(bench: Bench, spec: RunSpec) -> dict[str, Any]:
             "resync": window_requests(bench, resync, resyncs),
         },
         "peak_rss_kib": bench.rss_kib.get(spec.name, {}),
+        **measured,
     }
 
 
@@ -462,6 +515,14 @@ def _n(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
+CPU_COLUMNS = ("provisioner", "kube-apiserver", "etcd", "kube-controller-manager")
+
+
+def _cpu(run: dict[str, Any], phase: str, mark: str) -> str:
+    per = run.get(f"cpu_ms_per_{phase}", {}).get(mark)
+    return " / ".join(f"{per.get(name, 0):.1f}" for name in CPU_COLUMNS) if per else "-"
+
+
 def _ratio(mine: float | None, best: float | None) -> str:
     return f"{mine / best:.0%}" if mine and best else "-"
 
@@ -471,10 +532,26 @@ def markdown(result: dict[str, Any]) -> str:
     top = result.get("ceiling") or {}
     claims_best = (top.get("claims") or {}).get("claims_per_s")
     deletes_best = (top.get("deletes") or {}).get("deletes_per_s")
-    columns = ["figure", "ceiling (bare client)", *(run["label"] for run in runs.values())]
+    yardstick = result.get("bare")
+    columns = [
+        "figure",
+        "ceiling (writes only)",
+        "bare provisioner",
+        *(run["label"] for run in runs.values()),
+    ]
 
-    def row(name: str, ceiling_cell: str, cell: Callable[[dict[str, Any]], str]) -> str:
-        return "| " + " | ".join([name, ceiling_cell, *(cell(r) for r in runs.values())]) + " |"
+    def row(
+        name: str,
+        ceiling_cell: str,
+        cell: Callable[[dict[str, Any]], str],
+        bare_cell: Callable[[dict[str, Any]], str] | None = None,
+    ) -> str:
+        at_bare = bare_cell(yardstick) if bare_cell is not None and yardstick else "-"
+        return (
+            "| "
+            + " | ".join([name, ceiling_cell, at_bare, *(cell(r) for r in runs.values())])
+            + " |"
+        )
 
     def requests(phase: str) -> Callable[[dict[str, Any]], str]:
         def cell(run: dict[str, Any]) -> str:
@@ -500,9 +577,15 @@ def markdown(result: dict[str, Any]) -> str:
             "claims/s until every PV exists",
             f"{_n(claims_best)}{threads[0]}" if claims_best else "-",
             lambda r: _n(r["claims_per_s_to_pv"]),
+            lambda r: _n(r["claims_per_s_to_pv"]),
         ),
         row("claims/s until every claim Bound", "-", lambda r: _n(r["claims_per_s_to_bound"])),
-        row("claim → PV p50 / p99 (s, ours)", "-", lambda r: _p(r["claim_to_pv_s"])),
+        row(
+            "claim → PV p50 / p99 (s, ours)",
+            "-",
+            lambda r: _p(r["claim_to_pv_s"]),
+            lambda r: _p(r["claim_to_pv_s"]),
+        ),
         row("PV → Bound p50 / p99 (s, KCM)", "-", lambda r: _p(r["pv_to_bound_s_kcm"])),
         row(
             "deletes/s until every PV is gone",
@@ -534,6 +617,13 @@ def markdown(result: dict[str, Any]) -> str:
             "claims/s to PV vs ceiling",
             "100%" if claims_best else "-",
             lambda r: _ratio(r["claims_per_s_to_pv"], claims_best),
+            lambda r: _ratio(r["claims_per_s_to_pv"], claims_best),
+        ),
+        row(
+            "claims/s to PV vs the bare provisioner",
+            "-",
+            lambda r: _ratio(r["claims_per_s_to_pv"], (yardstick or {}).get("claims_per_s_to_pv")),
+            lambda r: "100%",
         ),
         row(
             "deletes/s vs ceiling",
@@ -544,6 +634,22 @@ def markdown(result: dict[str, Any]) -> str:
             "deletes/s vs KCM's Released/s (the bound)",
             "-",
             lambda r: _ratio(r["deletes_per_s_to_pv_gone"], r["released_per_s_kcm"]),
+        ),
+        row(
+            "CPU ms per claim until every PV exists: " + " / ".join(CPU_COLUMNS),
+            "-",
+            lambda r: _cpu(r, "provision", "every PV"),
+            lambda r: _cpu(r, "provision", "every PV"),
+        ),
+        row(
+            "CPU ms per claim, provisioning until quiet: " + " / ".join(CPU_COLUMNS),
+            "-",
+            lambda r: _cpu(r, "provision", "settled"),
+        ),
+        row(
+            "CPU ms per claim, release until quiet: " + " / ".join(CPU_COLUMNS),
+            "-",
+            lambda r: _cpu(r, "release", "settled"),
         ),
         row(
             "peak RSS (MiB, VmHWM)",
@@ -610,6 +716,12 @@ def print_report(result: dict[str, Any]) -> None:
         "first delete sent), bounded by KCM marking PVs Released. Times: bench's watch arrivals."
         f"\n- requests: audit log, ResponseComplete of {audit.SA_USER}, by time received within "
         "each phase's window (until quiet); per claim, per resync; leader election apart."
+        "\n- bare provisioner: tests/bench/bare.py (one raw watch, PV + 2 Events per claim from 16"
+        " threads; no kopf, cache, queue, filesystem, retries or election): what this machine"
+        " allows once the claims' own creation, KCM's reaction and the watch share it."
+        "\n- CPU: user+system time of each process (/proc/PID/stat) from the phase's first request"
+        f" to the mark, less its idle rate over {IDLE_SAMPLE:.0f} s just before, per claim; "
+        "KCM = kube-controller-manager (the binder, pv-protection, garbage collection)."
         "\n- settings: "
         + "; ".join(
             f"{run['label']}: {' '.join(f'{k}={v}' for k, v in run['env'].items()) or 'none set'}"
@@ -642,6 +754,14 @@ def print_report(result: dict[str, Any]) -> None:
             f"{windows['resync']['seconds']} s with {windows['resync']['resyncs']} resyncs"
             f" (RESYNC_PERIOD={RESYNC_PERIOD}); peak RSS KiB by phase {run['peak_rss_kib']}"
         )
+        profile = run.get("profile")
+        if profile:
+            areas = ", ".join(f"{area} {share}%" for area, share in profile["areas"].items())
+            print(
+                f"\npy-spy, {run['label']}, provisioning ({profile['samples']} samples, by the "
+                f"innermost frame): {areas}\n"
+                + "\n".join(f"  {share:5.1f}%  {leaf}" for leaf, share in profile["top"])
+            )
     print(f"\nwatch re-lists (milestones late): {result['watch_relists']}")
 
 
@@ -707,7 +827,48 @@ def measure_ceiling(bench: Bench) -> dict[str, Any]:
     }
 
 
-def run(claims: int, names: Sequence[str], out_dir: Path, keep: Path | None) -> dict[str, Any]:
+def measure_bare(bench: Bench) -> dict[str, Any]:
+    """bare.py in a run's place: claims created at once, until every PV exists. Run last: it
+    leaves its claims and PVs (Retain) to the control plane's end."""
+    namespace = "bench-bare"
+    bench.admin.call("POST", "/api/v1/namespaces", {"metadata": {"name": namespace}})
+    print(f"bench: bare provisioner: {bench.claims} claims", file=sys.stderr)
+    provisioner = BareProvisioner(bench.base_env, {}, bench.work / "bare.log")
+    spec = RunSpec("bare", "bare provisioner", {})
+    measured: dict[str, Any] = {}
+    try:
+        provisioner.start(bench.audit_log)
+        with bench.measured(provisioner, spec, "provision", measured) as meter:
+            started = time.time()
+            created = create_claims(
+                bench.admin, namespace, [f"c{i:05d}" for i in range(bench.claims)]
+            )
+            uids = list(created)
+            last_volume = wait_all(
+                "every PV", bench.watcher.timeline.volume, uids, bench.wait_timeout(), provisioner
+            )
+            meter.mark("every PV")
+    finally:
+        provisioner.stop()
+    line = bench.watcher.timeline
+    return {
+        "claims_per_s_to_pv": round(bench.claims / (last_volume - started), 2),
+        "claim_to_pv_s": percentiles([line.volume[u] - created[u] for u in uids]),
+        "cpu_ms_per_provision": {
+            key: value
+            for key, value in measured["cpu_ms_per_provision"].items()
+            if key != "settled"
+        },
+    }
+
+
+def run(
+    claims: int,
+    names: Sequence[str],
+    out_dir: Path,
+    keep: Path | None,
+    profile: frozenset[str] = frozenset(),
+) -> dict[str, Any]:
     specs = [spec for spec in RUNS if spec.name in names]
     load_before = os.getloadavg()
     with contextlib.ExitStack() as stack:
@@ -724,12 +885,14 @@ def run(claims: int, names: Sequence[str], out_dir: Path, keep: Path | None) -> 
         plane.start()
         try:
             bench = setup(plane, work, claims)
+            bench.profile = profile
             try:
                 top = measure_ceiling(bench) if "ceiling" in names else None
                 bench.watcher.start()
                 runs = {}
                 for spec in specs:
                     runs[spec.name] = run_one(bench, spec)
+                yardstick = measure_bare(bench) if "bare" in names else None
             finally:
                 bench.watcher.stop()
                 bench.admin.close()
@@ -744,6 +907,7 @@ def run(claims: int, names: Sequence[str], out_dir: Path, keep: Path | None) -> 
             "load_after": [round(x, 2) for x in os.getloadavg()],
         },
         "ceiling": top,
+        "bare": yardstick,
         "runs": runs,
         "watch_relists": bench.watcher.timeline.relists,
         "settings": {
@@ -764,8 +928,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--claims", type=int, default=300, help="claims per run (default 300)")
     parser.add_argument(
         "--runs",
-        default=",".join(["ceiling", *(spec.name for spec in RUNS)]),
-        help="comma-separated subset of: ceiling, " + ", ".join(spec.name for spec in RUNS),
+        default=",".join(["ceiling", *(spec.name for spec in RUNS), "bare"]),
+        help="comma-separated subset of: ceiling, "
+        + ", ".join(spec.name for spec in RUNS)
+        + ", bare (run last whatever the order)",
+    )
+    parser.add_argument(
+        "--profile",
+        default="",
+        help="comma-separated runs whose provisioning py-spy records and summarises (needs the"
+        " bench extra), e.g. qps1000",
     )
     parser.add_argument("--out", type=Path, default=REPO / "bench-results")
     parser.add_argument(
@@ -775,11 +947,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     names = [name.strip() for name in args.runs.split(",") if name.strip()]
-    known = {"ceiling", *(spec.name for spec in RUNS)}
+    known = {"ceiling", "bare", *(spec.name for spec in RUNS)}
     if unknown := sorted(set(names) - known):
         parser.error(f"unknown run(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     started = time.monotonic()
-    result = run(args.claims, names, args.out, args.keep)
+    profile = frozenset(name.strip() for name in args.profile.split(",") if name.strip())
+    if unknown := sorted(profile - known):
+        parser.error(f"--profile: unknown run(s) {', '.join(unknown)}")
+    result = run(args.claims, names, args.out, args.keep, profile)
     print_report(result)
     print(f"\nwritten to {result['written_to']} in {time.monotonic() - started:.0f} s")
     return 0
