@@ -145,7 +145,7 @@ class Provisioner:
         )
         # The gate: our own complete lists before the first reconcile (see reconciler.gate).
         await gate(self.reconciler)
-        self.reconciler.resync()  # everything the cache gathered while standing by
+        self.reconciler.lead()  # queue from now on, starting with all the cache gathered
         await asyncio.gather(
             self.reconciler.queue.run(),
             resync_forever(self.reconciler, self.settings.resync_period),

@@ -107,6 +107,10 @@ class Reconciler:
         # watch gap) since: the cache is as fresh as the watch for them, so provisioning them
         # needs no GET to confirm they still exist (see ``_confirmed``).
         self._delivered: set[str] = set()
+        # Until ``lead``, events only feed the cache: a standby queues nothing, so its queue
+        # holds no key per object of the cluster and its queue-depth metric reads 0, not the
+        # cluster's size. ``lead`` re-queues everything the cache gathered meanwhile.
+        self.leading = False
 
     # --- entry points ----------------------------------------------------------------------------
 
@@ -115,14 +119,21 @@ class Reconciler:
         a freed directory bringing back one seen earlier)."""
         if delivered:
             self._delivered.add(uid)
-        self.queue.add(f"{CLAIM}:{uid}")
+        if self.leading:
+            self.queue.add(f"{CLAIM}:{uid}")
 
     def enqueue_volume(self, name: str) -> None:
-        self.queue.add(f"{VOLUME}:{name}")
+        if self.leading:
+            self.queue.add(f"{VOLUME}:{name}")
 
     def enqueue_class(self, class_name: str) -> None:
         for uid in self.cache.claims_of_class(class_name):
             self.enqueue_claim(uid)
+
+    def lead(self) -> None:
+        """Start queueing (this process won the election) with every object the cache holds."""
+        self.leading = True
+        self.resync()
 
     def resync(self) -> None:
         for claim in self.cache.claims():

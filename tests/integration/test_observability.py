@@ -97,6 +97,16 @@ def test_only_the_leader_provisions_and_a_standby_takes_over(
     wait_provisioned_by(leader, "one")
     assert not provisioned_by(standby, "one")
 
+    # The standby's cache is warm, but it queues nothing until it leads: its queue-depth
+    # metric is not the size of the cluster.
+    def standby_cached_it() -> dict[str, float] | None:
+        samples = scrape(standby)
+        return samples if samples.get('nfs_provisioner_watched_objects{kind="claim"}') else None
+
+    standby_samples = wait_for("the standby to cache the claim", standby_cached_it)
+    assert standby_samples["nfs_provisioner_leader"] == 0
+    assert standby_samples["nfs_provisioner_queue_depth"] == 0
+
     if kind == "endpoints":
         obj = admin.get("endpoints", lock_name, SA_NAMESPACE)
         assert obj is not None

@@ -104,6 +104,7 @@ def world(tmp_path: Path) -> Iterator[World]:
         Identity("test.io/nfs_test"),
     )
     reconciler.cluster = "cluster-uid"
+    reconciler.lead()
     try:
         yield World(kube, reconciler, export)
     finally:
@@ -266,6 +267,30 @@ def test_a_claim_the_watch_delivered_costs_one_request(world: World) -> None:
     world.provision(claim)
     assert writes(world, before) == ["create_volume"]
     assert [e.reason for e in world.kube.events] == ["Provisioning", "ProvisioningSucceeded"]
+
+
+def test_a_standby_queues_nothing_until_it_leads(world: World) -> None:
+    """A standby's events only fill the cache: no key per object of the cluster waits in its
+    queue. Leading queues every claim and volume the cache gathered meanwhile."""
+    world.add_class()
+    reconciler = Reconciler(
+        world.reconciler.settings,
+        world.reconciler.cache,
+        world.kube,
+        world.reconciler.storage,
+        Metrics(),
+        Identity("test.io/nfs_standby"),
+    )
+    first = world.add_claim("first")
+    name = world.provision(first)  # by the leader of the fixture
+    world.reconciler.cache.put_volume(core.volume_from(world.kube.volumes[name]))
+    second = world.add_claim("second")
+    reconciler.enqueue_claim(second.uid, delivered=True)
+    reconciler.enqueue_volume(name)
+    reconciler.enqueue_class("nfs")
+    assert reconciler.queue.depth == 0
+    reconciler.lead()
+    assert reconciler.queue.depth == 3  # both claims and the volume
 
 
 @pytest.mark.parametrize("relisted", [False, True], ids=["brought-back", "after-a-relist"])
