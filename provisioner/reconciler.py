@@ -110,7 +110,7 @@ class Reconciler:
         # Until ``lead``, events only feed the cache: a standby queues nothing, so its queue
         # holds no key per object of the cluster and its queue-depth metric reads 0, not the
         # cluster's size. ``lead`` re-queues everything the cache gathered meanwhile.
-        self.leading = False
+        self._leading = False
 
     # --- entry points ----------------------------------------------------------------------------
 
@@ -119,12 +119,14 @@ class Reconciler:
         a freed directory bringing back one seen earlier)."""
         if delivered:
             self._delivered.add(uid)
-        if self.leading:
-            self.queue.add(f"{CLAIM}:{uid}")
+        self._enqueue(f"{CLAIM}:{uid}")
 
     def enqueue_volume(self, name: str) -> None:
-        if self.leading:
-            self.queue.add(f"{VOLUME}:{name}")
+        self._enqueue(f"{VOLUME}:{name}")
+
+    def _enqueue(self, key: str) -> None:
+        if self._leading:
+            self.queue.add(key)
 
     def enqueue_class(self, class_name: str) -> None:
         for uid in self.cache.claims_of_class(class_name):
@@ -132,7 +134,7 @@ class Reconciler:
 
     def lead(self) -> None:
         """Start queueing (this process won the election) with every object the cache holds."""
-        self.leading = True
+        self._leading = True
         self.resync()
 
     def resync(self) -> None:
