@@ -136,6 +136,7 @@ class Provisioner:
         """What only the leader does: reconcile, from watch events and the periodic resync."""
         # Before any worker runs, so no provisioning of ours races the sweep (see sweep.py).
         self.reconciler.cluster = await self._cluster_uid()
+        self.storage.set_writer(self.reconciler.cluster, self.settings.provisioner_name)
         await sweep(
             self.storage,
             self.kube,

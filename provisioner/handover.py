@@ -15,6 +15,7 @@ from pathlib import Path
 from provisioner.config import Handover, Settings
 from provisioner.journal import Owner
 from provisioner.kube import ApiError, KubeApi, load_api_client
+from provisioner.reservations import Busy
 from provisioner.safefs import Redirected, Syscalls
 from provisioner.storage import Storage, StorageError
 
@@ -32,6 +33,8 @@ async def run(settings: Settings, request: Handover, calls: Syscalls) -> tuple[i
     finally:
         kube.close()
     storage = Storage(Path(settings.mount_path), calls, timeout=settings.fs_timeout)
+    # Its own writer name: the provisioner's sweep removes only its own instances' locks.
+    storage.set_writer(cluster, f"{settings.provisioner_name} (handover)")
     owner = Owner(
         cluster=cluster,
         namespace=request.namespace,
@@ -40,7 +43,7 @@ async def run(settings: Settings, request: Handover, calls: Syscalls) -> tuple[i
     )
     try:
         await storage.record_owner(request.directory, owner)
-    except (StorageError, Redirected) as error:
+    except (StorageError, Redirected, Busy) as error:
         return 1, f'handover: directory "{request.directory}": {error}'
     finally:
         storage.close()

@@ -10,6 +10,10 @@ that name as a claim's directory, so no tenant can reach it):
   for, in a tree that mirrors the export's (so the records inside or above a directory are one
   walk away). Written before the directory is made, moved just before it when it is archived,
   removed with it. ``ownership.py`` decides reuse from these records.
+- ``operations/<pv name>.json``: a release under way (archive or delete), written before its
+  first change and removed after its last, so that a retry finishes it and nobody else takes
+  its paths meanwhile (``Operation``).
+- ``locks/``: the export locks that keep writers apart (exportlocks.py).
 - ``tmp/tmp-<writer>-<random>``: each record is written here first and renamed into place. A
   process killed in between leaves its file behind; ``remove_temporaries`` (run by the sweep)
   removes those of one writer, a cluster's provisioner, and never another writer's in flight.
@@ -99,7 +103,11 @@ def writer_prefix(cluster: str, provisioner: str) -> str:
 
 
 def _write_record(
-    tree: Tree, parts: Sequence[str], name: str, record: Owner | Intent, replace: bool = True
+    tree: Tree,
+    parts: Sequence[str],
+    name: str,
+    record: Owner | Intent | Operation,
+    replace: bool = True,
 ) -> None:
     os.close(tree.make_dirs(SCRATCH)[0])
     tree.write_file(
@@ -177,28 +185,27 @@ def remove_owners(tree: Tree, parts: Sequence[str]) -> None:
         tree.remove_tree(mirror_of(parts))
 
 
-def move_owners(tree: Tree, parts: Sequence[str], new_leaf: str, volume: str = "") -> None:
-    """Move the records of ``parts`` (and below) to ``new_leaf`` in the same parent, ahead of
-    the directory's own rename. A record already at the new name is stale (no directory is
-    there): it is replaced, or removed when ``parts`` had none, except one made for ``volume``
-    when ``parts`` has none: an archive of that volume that was killed after this move and
-    before the directory's rename already put it there."""
+def move_owners(tree: Tree, parts: Sequence[str], target: Sequence[str]) -> bool:
+    """Move the records of ``parts`` (and below) to ``target``, a sibling, after the directory
+    itself was renamed there; False if ``parts`` had none. Records found at ``target`` are
+    replaced: the caller holds the reservation covering both and has judged them stale (an
+    ``Operation`` says which records belong where, so no one else ever does)."""
     parent = mirror_of(parts[:-1])
-    target = (*parts[:-1], new_leaf)
     try:
-        moved = tree.rename_dir(parent, mirror_name(parts[-1]), mirror_name(new_leaf))
+        return tree.rename_dir(parent, mirror_name(parts[-1]), mirror_name(target[-1]))
     except FileExistsError:
         tree.remove_tree(mirror_of(target))
-        moved = tree.rename_dir(parent, mirror_name(parts[-1]), mirror_name(new_leaf))
+        return tree.rename_dir(parent, mirror_name(parts[-1]), mirror_name(target[-1]))
     except FileNotFoundError:
-        moved = False  # no record, not even for the parent
-    if moved:
-        return
-    if volume:
-        owner = read_owner(tree, target)
-        if owner is not None and owner.volume == volume:
-            return
-    remove_owners(tree, target)
+        return False  # no record, not even for the parent
+
+
+def has_records(tree: Tree, parts: Sequence[str]) -> bool:
+    """Whether anything is recorded at or below ``parts`` (a mirror directory exists)."""
+    try:
+        return tree.entry(mirror_of(parts)) is not None
+    except FileNotFoundError:
+        return False
 
 
 def owners_above(tree: Tree, parts: Sequence[str]) -> list[tuple[str, Owner]]:
@@ -211,25 +218,115 @@ def owners_above(tree: Tree, parts: Sequence[str]) -> list[tuple[str, Owner]]:
     return found
 
 
-def owners_below(tree: Tree, parts: Sequence[str], limit: int = 10000) -> list[tuple[str, Owner]]:
-    """Records of the directories strictly inside ``parts`` (at most ``limit``)."""
+SCAN_LIMIT = 10000
+"""Directories of the owner tree one scan below a path visits at most (see ``scan_below``)."""
+
+
+def owners_below(
+    tree: Tree, parts: Sequence[str], limit: int = SCAN_LIMIT
+) -> list[tuple[str, Owner]]:
+    """Records of the directories strictly inside ``parts`` (at most ``limit`` visited)."""
+    return scan_below(tree, parts, limit)[0]
+
+
+def scan_below(
+    tree: Tree, parts: Sequence[str], limit: int = SCAN_LIMIT
+) -> tuple[list[tuple[str, Owner]], bool]:
+    """Records strictly inside ``parts``, and whether the scan saw all of them: it stops after
+    visiting ``limit`` directories of the owner tree, and a decision that relies on it must
+    then fail closed (SPEC §4)."""
     found: list[tuple[str, Owner]] = []
     pending: list[tuple[tuple[str, ...], str]] = [(mirror_of(parts), "/".join(parts))]
-    while pending and len(found) < limit:
+    visited = 0
+    while pending:
         mirror, shown = pending.pop()
         try:
             children = tree.list_dirs(mirror)
         except FileNotFoundError:
             continue
         for child in children:
-            if len(found) >= limit:
-                break
+            if visited >= limit:
+                return found, False
+            visited += 1
             component = component_of(child)
             child_shown = f"{shown}/{component if component is not None else '<long name>'}"
             raw = tree.read_file((*mirror, child), RECORD)
             if raw is not None:
                 found.append((child_shown, _decode_owner(raw)))
             pending.append(((*mirror, child), child_shown))
+    return found, True
+
+
+# --- operations under way ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Operation:
+    """A release under way on the export: ``archive`` renames ``source`` to ``target``,
+    ``delete`` removes ``source``; written before the first change, removed after the last.
+
+    It says which records belong where while directory and records disagree (an archive whose
+    rename failed or was interrupted, a delete half done): the retry for ``volume`` finishes
+    it, and every other operation treats both paths as taken until then.
+    """
+
+    volume: str
+    kind: str
+    source: str
+    target: str = ""
+    cluster: str = ""
+    provisioner: str = ""
+    since: str = ""
+
+    def paths(self) -> tuple[str, ...]:
+        return (self.source, self.target) if self.target else (self.source,)
+
+    def describe(self) -> str:
+        if self.kind == "archive":
+            return (
+                f'the archive of "{self.source}" as "{self.target}" for PersistentVolume '
+                f"{self.volume}"
+            )
+        return f'the delete of "{self.source}" for PersistentVolume {self.volume}'
+
+
+OPERATIONS = (JOURNAL_DIR, "operations")
+
+
+def write_operation(tree: Tree, operation: Operation) -> None:
+    os.close(tree.make_dirs(OPERATIONS)[0])
+    _write_record(tree, OPERATIONS, f"{operation.volume}.json", operation)
+
+
+def clear_operation(tree: Tree, volume: str) -> bool:
+    return tree.remove_file(OPERATIONS, f"{volume}.json")
+
+
+def _decode_operation(raw: bytes) -> Operation | None:
+    try:
+        data = json.loads(raw)
+        return Operation(
+            **{key: str(data[key]) for key in Operation.__dataclass_fields__ if key in data}
+        )
+    except (ValueError, TypeError):
+        return None
+
+
+def read_operation(tree: Tree, volume: str) -> Operation | None:
+    raw = tree.read_file(OPERATIONS, f"{volume}.json")
+    return None if raw is None else _decode_operation(raw)
+
+
+def read_operations(tree: Tree) -> list[Operation]:
+    """Every operation under way on the export; an unreadable record blocks nothing here (the
+    sweep logs it), as its paths are unknown."""
+    found = []
+    for name in tree.list_files(OPERATIONS):
+        if name.endswith(".json"):
+            raw = tree.read_file(OPERATIONS, name)
+            operation = None if raw is None else _decode_operation(raw)
+            if operation is not None:
+                found.append(operation)
     return found
 
 

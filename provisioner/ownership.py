@@ -7,6 +7,9 @@ inside it, see journal.py) and asks ``decide`` what to do:
 - a new directory is created, unless one of its existing parents belongs to another namespace;
 - an existing directory with our owner record is reused only by a claim of that namespace (and
   cluster), and only if nothing inside it belongs to another one;
+- nothing is decided on a path where a release is under way (an archive or delete whose
+  directory and records disagree until it finishes), nor reused when the scan of the records
+  inside it stopped at its limit (it fails closed);
 - an existing directory without a record (made by hand, or by nfs-subdir before the image was
   swapped) is reused only when the path is confined to the claim's namespace: its first
   component is the namespace, or it is the default ``<namespace>-<claim>-pvc-<uid>`` name,
@@ -36,6 +39,11 @@ class Inspection:
     leaf_owner: Owner | None = None
     owners_above: tuple[tuple[str, Owner], ...] = ()
     owners_below: tuple[tuple[str, Owner], ...] = ()
+    below_complete: bool = True
+    """False when the scan of the records inside stopped at its limit (``scan_limit``)."""
+    scan_limit: int = 0
+    operations: tuple[str, ...] = ()
+    """Releases under way (journal.Operation) on this path, inside it or around it."""
 
     @property
     def exists(self) -> bool:
@@ -82,6 +90,14 @@ def decide(
     """
     shown = _quote(str(directory))
     hint = handover_hint(str(directory), tenant.namespace, provisioner_namespace)
+    if inspection.operations:
+        return Decision(
+            Plan.REFUSE,
+            f"directory {shown} overlaps a release that has not finished: "
+            f"{inspection.operations[0]}; its records and its directory disagree until the "
+            "release's retry completes it, so nothing else may use these paths meanwhile. The "
+            "claim is tried again when that PersistentVolume is gone",
+        )
     for path, above in inspection.owners_above:
         if not above.same_tenant(tenant):
             return Decision(
@@ -98,6 +114,14 @@ def decide(
             Plan.REFUSE,
             f"directory {shown} already exists and belongs to {owner.describe()}; a leftover "
             f"directory is only reused by a claim of its own namespace. {hint}",
+        )
+    if not inspection.below_complete:
+        return Decision(
+            Plan.REFUSE,
+            f"directory {shown} already exists and holds more than {inspection.scan_limit} "
+            "recorded directories; the provisioner stops its scan of the owner records inside "
+            "there, and never reuses a directory it could not inspect fully. Use a new "
+            f"directory (change the pathPattern inputs). {hint}",
         )
     for path, inner in inspection.owners_below:
         if not inner.same_tenant(tenant):

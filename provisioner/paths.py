@@ -23,7 +23,9 @@ MAX_NAME_BYTES = 255
 
 _HASH_CHARS = 10
 _SAFE_EXAMPLE = "${.PVC.namespace}/${.PVC.name}"
-_RULE_JOURNAL = f"{JOURNAL_DIR} at the export root holds the provisioner's own records"
+_RULE_JOURNAL = (
+    f"{JOURNAL_DIR} (in any letter case) at the export root holds the provisioner's own records"
+)
 _RULE_EMPTY = "it is empty, and an empty directory would be the export root itself"
 
 # nfs-subdir's token regex (`\${\.PVC\.((labels|annotations)\.(.*?)|.*?)}`), widened to `.PV.`.
@@ -92,7 +94,7 @@ class RelativeDir:
             rule = _component_rule(part)
             if rule is not None:
                 raise UnsafePathError(joined, rule)
-        if self.parts[0] == JOURNAL_DIR:
+        if is_journal_name(self.parts[0]):
             raise UnsafePathError(joined, _RULE_JOURNAL)
 
     def __str__(self) -> str:
@@ -105,6 +107,12 @@ class RelativeDir:
     @property
     def parent_parts(self) -> tuple[str, ...]:
         return self.parts[:-1]
+
+
+def is_journal_name(component: str) -> bool:
+    """Whether a top-level component names the provisioner's own directory, in any case: on a
+    case-insensitive export (some NAS shares) ``.NFS-Provisioner`` is the same directory."""
+    return component.casefold() == JOURNAL_DIR.casefold()
 
 
 def _component_rule(part: str) -> str | None:
@@ -149,7 +157,7 @@ def parse_relative(value: str, pattern: str | None = None) -> RelativeDir:
         rule = _component_rule(part)
         if rule is not None:
             raise UnsafePathError(value, rule, pattern)
-    if parts[0] == JOURNAL_DIR:
+    if is_journal_name(parts[0]):
         raise UnsafePathError(value, _RULE_JOURNAL, pattern)
     return RelativeDir(parts)
 

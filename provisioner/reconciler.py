@@ -27,6 +27,7 @@ from provisioner.config import (
 from provisioner.journal import Intent, Owner
 from provisioner.kube import ApiError, Conflict, NotFound, ObjectRef
 from provisioner.metrics import Metrics
+from provisioner.reservations import Busy
 from provisioner.safefs import Redirected
 from provisioner.storage import DirOwner, Storage, StorageError
 from provisioner.workqueue import Backoff, WorkQueue
@@ -50,6 +51,11 @@ class Identity:
 
 def _now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _claim_holder(claim: core.Claim) -> str:
+    """The holder of a claim's reservation, as Busy shows it to whoever waits for it."""
+    return f"the provisioning of claim {claim.key}"
 
 
 def claim_ref(claim: core.Claim) -> ObjectRef:
@@ -91,9 +97,6 @@ class Reconciler:
             backoff=Backoff(base=settings.backoff_base, cap=settings.backoff_max),
             on_retry=self._on_retry,
         )
-        # Directories being provisioned right now, so two claims never race into one directory
-        # (nor into one inside the other); directory -> claim uid.
-        self._reserved: dict[str, str] = {}
         # Set when kopf (re-)lists a resource (events of type None: at start and after every
         # 410 Gone); resync_forever then re-lists and prunes, since kopf reports no DELETED
         # for what vanished during the gap.
@@ -236,24 +239,14 @@ class Reconciler:
                 "(labels/annotations) or delete the other claim",
             )
             return
-        # Nested directories conflict like equal ones: the overlap rule above cannot see a
-        # claim whose PV is not saved yet, so the reservation has to.
-        busy = sorted(
-            reserved
-            for reserved, holder in self._reserved.items()
-            if holder != claim.uid and core.dirs_overlap(reserved, str(directory))
-        )
-        if busy:
-            raise RetryLater(
-                f'claim {claim.key}: directory "{directory}" overlaps "{busy[0]}", which is '
-                "being provisioned for another claim"
-            )
-        self._reserved[str(directory)] = claim.uid
+        # The overlap rule above cannot see a claim whose PV is not saved yet, nor a release or
+        # another writer at work: the reservation does (nested directories conflict too).
         try:
-            if delivered or await self._confirmed(claim):
-                await self._provision(claim, storage_class, directory, parameters)
-        finally:
-            self._reserved.pop(str(directory), None)
+            async with self.storage.reserve(_claim_holder(claim), directory):
+                if delivered or await self._confirmed(claim):
+                    await self._provision(claim, storage_class, directory, parameters)
+        except Busy as error:
+            raise RetryLater(f"claim {claim.key}: {error}") from error
 
     async def _confirmed(self, claim: core.Claim) -> bool:
         """Whether the claim still exists, by GET: a watch gap can leave a deleted claim in the
@@ -430,7 +423,9 @@ class Reconciler:
         if current is not None and core.claim_from(current).uid == claim.uid:
             return
         try:
-            outcome = await self.storage.discard_created_dir(directory, claim.volume_name_for)
+            outcome = await self.storage.discard_created_dir(
+                directory, claim.volume_name_for, _claim_holder(claim)
+            )
             logger.info(
                 "claim %s: gone before its volume was saved; directory %s: %s",
                 claim.key,
@@ -467,6 +462,8 @@ class Reconciler:
         started = time.monotonic()
         try:
             outcome = await self._apply_on_delete(volume)
+        except Busy as error:
+            raise RetryLater(f"volume {name}: {error}") from error
         except (StorageError, paths.UnsafePathError, core.ReleaseRefused, Redirected) as error:
             self.metrics.delete_failed_total.labels(volume.storage_class).inc()
             self._event(ref, "Warning", "VolumeFailedDelete", str(error))
@@ -506,7 +503,7 @@ class Reconciler:
             if overlap is not None:
                 raise core.ReleaseRefused(overlap)
         if policy is OnDelete.DELETE:
-            existed = await self.storage.remove_dir(directory)
+            existed = await self.storage.remove_dir(directory, volume.name)
             if not existed:
                 logger.warning(
                     "volume %s: directory %s was already missing", volume.name, directory
@@ -541,24 +538,26 @@ class Reconciler:
             await self._refuse_adoption(volume, located)
             return None
         directory = located.directory
+        holder = f"the adoption of PersistentVolume {volume.name}"
         try:
-            inspection = await self.storage.inspect(directory)
-            if inspection.exists and inspection.leaf_owner is None and volume.claim_namespace:
-                # Before the PV is patched: a retry re-inspects and finds the record.
-                owner = Owner(
-                    cluster=self.cluster,
-                    namespace=volume.claim_namespace,
-                    provisioner=self.settings.provisioner_name,
-                    volume=volume.name,
-                    since=_now(),
-                )
-                await self.storage.record_owner(directory, owner)
+            async with self.storage.reserve(holder, directory):
+                inspection = await self.storage.inspect(directory)
+                if inspection.exists and inspection.leaf_owner is None and volume.claim_namespace:
+                    # Before the PV is patched: a retry re-inspects and finds the record.
+                    owner = Owner(
+                        cluster=self.cluster,
+                        namespace=volume.claim_namespace,
+                        provisioner=self.settings.provisioner_name,
+                        volume=volume.name,
+                        since=_now(),
+                    )
+                    await self.storage.record_owner(directory, owner, holder)
         except Redirected as error:
             await self._refuse_adoption(
                 volume, adoption.Refusal(adoption.redirected_reason(error.where, error.what))
             )
             return None
-        except StorageError as error:
+        except (StorageError, Busy) as error:
             raise RetryLater(f"volume {volume.name}: cannot adopt it yet: {error}") from error
         patch = adoption.adoption_patch(volume, located, self.export, _now())
         saved = await self._patch_volume(volume, patch)

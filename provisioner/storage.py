@@ -5,32 +5,42 @@ reconciler.py, sweep.py and preflight.py call ``Storage`` (app.py builds it); ea
 one job on a worker thread with a timeout, so a hung NFS mount fails one attempt instead of
 stalling the others. Every path is reached through ``safefs.Tree``: from a descriptor on the
 export root, one no-follow component at a time, so nothing a tenant writes can redirect it.
-No kopf, kubernetes or prometheus here.
+
+Overlap (SPEC §4): every operation on a claim's directory runs under ``reserve``, which holds
+the path in this process (reservations.py) and its first component's lock on the export
+(exportlocks.py, for other writers) from the first inspection until records and directory
+agree. Releases write a ``journal.Operation`` before their first change, so that a failure
+halfway leaves a record of which records belong where, finished by the retry, and every other
+operation keeps off both paths until then. No kopf, kubernetes or prometheus here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import errno
 import functools
 import json
 import os
 import queue
+import stat
 import threading
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, ParamSpec, TypeVar
 
-from provisioner import journal
+from provisioner import exportlocks, journal
+from provisioner.exportlocks import ExportLocks, Writer
 from provisioner.fence import Fence, Fenced
-from provisioner.journal import Intent, Owner
+from provisioner.journal import Intent, Operation, Owner
 from provisioner.ownership import Inspection
 from provisioner.paths import JOURNAL_DIR, RelativeDir, archive_name, parse_relative
-from provisioner.safefs import Syscalls, Tree
+from provisioner.reservations import Busy, Reservations, overlaps
+from provisioner.safefs import NOT_A_DIRECTORY, SYMLINK, Redirected, Syscalls, Tree
 
 _T = TypeVar("_T")
 _P = ParamSpec("_P")
@@ -208,6 +218,9 @@ class Storage:
         max_threads: int = 16,
         observe: Observer | None = None,
         fence: Fence | None = None,
+        writer: Writer | None = None,
+        lock_ttl: float = exportlocks.DEFAULT_TTL,
+        scan_limit: int = journal.SCAN_LIMIT,
     ) -> None:
         if timeout <= 0:
             raise ValueError(f"storage timeout {timeout!r} s must be positive")
@@ -219,6 +232,45 @@ class Storage:
         self._observe = observe
         self._fence = fence  # checked before each mutating call of a job (see _Cancellable)
         self._pool = _DaemonThreadPool(max_threads, "storage")
+        self.scan_limit = scan_limit
+        self.reservations = Reservations()
+        self.locks = ExportLocks(
+            lambda op, job: self._run(op, None, job), writer or Writer(), lock_ttl
+        )
+
+    @property
+    def writer(self) -> Writer:
+        return self.locks.writer
+
+    def set_writer(self, cluster: str, provisioner: str) -> None:
+        """Name this process on the export (its locks and records) once the cluster is known."""
+        self.locks.writer = replace(self.locks.writer, cluster=cluster, provisioner=provisioner)
+
+    @contextlib.asynccontextmanager
+    async def reserve(self, holder: str, *dirs: RelativeDir) -> AsyncIterator[None]:
+        """Hold ``dirs`` (each with everything inside and above it) for ``holder``: in this
+        process, and against other writers through the export lock of each first component.
+        ``Busy`` when another holder or writer has an overlapping path: nothing was touched,
+        try again later. The same holder may reserve again inside (re-entrant)."""
+        held = self.reservations.take(holder, (rel.parts for rel in dirs))
+        locked: list[str] = []
+        try:
+            for component in sorted({rel.parts[0] for rel in dirs}):
+                await self.locks.acquire(component)
+                locked.append(component)
+            yield
+        finally:
+            for component in reversed(locked):
+                await self.locks.release(component)
+            self.reservations.give_back(held)
+
+    async def remove_locks_left(self) -> list[str]:
+        """Remove the export locks earlier instances of this writer left when killed; only while
+        no other instance of it acts (the leader's sweep, before any work)."""
+        writer = self.writer
+        return await self._run(
+            "remove_locks_left", None, lambda tree: exportlocks.remove_left_by(tree, writer)
+        )
 
     # --- provisioning ---------------------------------------------------------------------------
 
@@ -227,7 +279,8 @@ class Storage:
 
         Redirected if a component is a symlink (or not a plain directory of the export).
         """
-        return await self._run("inspect", rel, lambda tree: _inspect(tree, rel))
+        limit = self.scan_limit
+        return await self._run("inspect", rel, lambda tree: _inspect(tree, rel, limit))
 
     async def create_dir(
         self, rel: RelativeDir, mode: DirOwner, owner: Owner, intent: Intent
@@ -242,6 +295,7 @@ class Storage:
         await self._run("create_dir", rel, lambda tree: _create(tree, rel, mode, owner, intent))
 
     async def reuse_dir(self, rel: RelativeDir, mode: DirOwner, adopt: Owner | None) -> None:
+        # Like create_dir, only under the caller's ``reserve`` of ``rel``.
         """Apply mode and owner to the existing leaf ``rel`` (as nfs-subdir does on reuse), and
         record ``adopt`` as its owner when it had no record."""
         await self._run("reuse_dir", rel, lambda tree: _reuse(tree, rel, mode, adopt))
@@ -250,12 +304,17 @@ class Storage:
         """The claim's PersistentVolume is saved: its directory no longer needs the sweep."""
         await self._run("clear_intent", None, lambda tree: journal.clear_intent(tree, volume))
 
-    async def discard_created_dir(self, rel: RelativeDir, volume: str) -> Discarded:
+    async def discard_created_dir(
+        self, rel: RelativeDir, volume: str, holder: str = ""
+    ) -> Discarded:
         """Undo ``create_dir`` for a claim that went away before its PV was saved: rmdir the
         leaf (never recursive), drop its records and the intent. "kept" if it held anything
         (its records stay: it is a leftover of its namespace), "missing" if it was never made
         or is gone already."""
-        return await self._run("discard_created_dir", rel, lambda tree: _discard(tree, rel, volume))
+        async with self.reserve(holder or f"the undo of {volume}", rel):
+            return await self._run(
+                "discard_created_dir", rel, lambda tree: _discard(tree, rel, volume)
+            )
 
     async def read_intents(self) -> tuple[list[Intent], list[str]]:
         return await self._run("read_intents", None, journal.read_intents)
@@ -269,24 +328,66 @@ class Storage:
             lambda tree: journal.remove_temporaries(tree, cluster, provisioner),
         )
 
-    async def record_owner(self, rel: RelativeDir, owner: Owner) -> None:
-        """Hand the existing directory ``rel`` over to ``owner`` (an admin's decision)."""
-        await self._run("record_owner", rel, lambda tree: _record(tree, rel, owner))
+    async def record_owner(self, rel: RelativeDir, owner: Owner, holder: str = "") -> None:
+        """Hand the existing directory ``rel`` over to ``owner`` (an admin's decision, or an
+        adoption). Refused while a release is under way on the path."""
+        async with self.reserve(holder or "a hand-over", rel):
+            await self._run("record_owner", rel, lambda tree: _record(tree, rel, owner))
 
     # --- release --------------------------------------------------------------------------------
 
-    async def remove_dir(self, rel: RelativeDir | str) -> bool:
+    async def remove_dir(self, rel: RelativeDir | str, volume: str = "", holder: str = "") -> bool:
         """Remove ``rel`` and its contents, then its records; False if it was already missing.
-        Parents stay."""
+        Parents stay. ``volume`` (the PersistentVolume being released) names the operation
+        record that keeps everyone else off the path until the delete has finished."""
         checked = _checked(rel)
-        return await self._run("remove_dir", checked, lambda tree: _remove(tree, checked))
+        operation = self._operation("delete", volume, checked)
+        async with self.reserve(holder or _holder(volume), checked):
+            return await self._run("remove_dir", checked, lambda tree: _remove(tree, operation))
 
-    async def archive_dir(self, rel: RelativeDir | str, volume: str = "") -> RelativeDir | None:
-        """Rename ``rel`` to a free ``archived-<leaf>[-N]`` beside it, its records first; None
-        if it is missing. ``volume`` is the PersistentVolume being released: a retry after a
-        crash between the two renames finds the records it already moved by that name."""
+    async def archive_dir(
+        self, rel: RelativeDir | str, volume: str = "", holder: str = ""
+    ) -> RelativeDir | None:
+        """Rename ``rel`` to a free ``archived-<leaf>[-N]`` beside it, then its records; None
+        if it is missing. The target is reserved (and locked) like a claim's path before the
+        rename; an ``Operation`` record written first lets a retry for ``volume`` finish an
+        archive that failed or was killed halfway, to the same name."""
         checked = _checked(rel)
-        return await self._run("archive_dir", checked, lambda tree: _archive(tree, checked, volume))
+        holder = holder or _holder(volume)
+        async with self.reserve(holder, checked):
+            free = functools.partial(self.reservations.is_free, holder=holder)
+            pick = functools.partial(_archive_target, rel=checked, volume=volume, free=free)
+            for _ in range(_ARCHIVE_ATTEMPTS):
+                target = await self._run("archive_dir", checked, pick)
+                if target is None:
+                    return None
+                operation = self._operation("archive", volume, checked, target)
+                try:
+                    async with self.reserve(holder, target):
+                        return await self._run(
+                            "archive_dir", checked, functools.partial(_archive, op=operation)
+                        )
+                except (Busy, _TargetTaken):
+                    continue  # taken since it was picked: pick the next free name
+        raise StorageError(
+            "archive_dir",
+            str(checked),
+            cause=f"every free archive name was taken before the rename, {_ARCHIVE_ATTEMPTS} times",
+            hint="something else is creating archived-* directories here; the delete is retried",
+        )
+
+    def _operation(
+        self, kind: str, volume: str, source: RelativeDir, target: RelativeDir | None = None
+    ) -> Operation:
+        return Operation(
+            volume=volume or f"unnamed-{uuid.uuid4().hex[:12]}",
+            kind=kind,
+            source=str(source),
+            target="" if target is None else str(target),
+            cluster=self.writer.cluster,
+            provisioner=self.writer.provisioner,
+            since=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        )
 
     # --- housekeeping ---------------------------------------------------------------------------
 
@@ -339,6 +440,14 @@ class Storage:
         finally:
             if self._observe is not None:
                 self._observe(op, time.monotonic() - started, outcome)
+
+
+def _holder(volume: str) -> str:
+    return f"the release of PersistentVolume {volume}" if volume else "a release"
+
+
+class _TargetTaken(Exception):
+    """The archive name picked is taken (by a directory, records or a release under way)."""
 
 
 class _Cancellable:
@@ -425,8 +534,13 @@ def _checked(rel: RelativeDir | str) -> RelativeDir:
     return parse_relative(rel) if isinstance(rel, str) else rel
 
 
-def _inspect(tree: Tree, rel: RelativeDir) -> Inspection:
+def _inspect(tree: Tree, rel: RelativeDir, limit: int) -> Inspection:
     existing = tree.existing_depth(rel.parts)
+    operations = tuple(
+        operation.describe()
+        for operation in journal.read_operations(tree)
+        if any(overlaps(rel.parts, tuple(path.split("/"))) for path in operation.paths())
+    )
     # Records are read only for levels that exist: one left by a crash before its mkdir is stale.
     above = [
         (path, owner)
@@ -434,13 +548,19 @@ def _inspect(tree: Tree, rel: RelativeDir) -> Inspection:
         if path.count("/") < existing
     ]
     if existing < len(rel.parts):
-        return Inspection(existing, len(rel.parts), owners_above=tuple(above))
+        return Inspection(
+            existing, len(rel.parts), owners_above=tuple(above), operations=operations
+        )
+    below, complete = journal.scan_below(tree, rel.parts, limit)
     return Inspection(
         existing,
         len(rel.parts),
         leaf_owner=journal.read_owner(tree, rel.parts),
         owners_above=tuple(above),
-        owners_below=tuple(journal.owners_below(tree, rel.parts)),
+        owners_below=tuple(below),
+        below_complete=complete,
+        scan_limit=limit,
+        operations=operations,
     )
 
 
@@ -513,46 +633,106 @@ def _record(tree: Tree, rel: RelativeDir, owner: Owner) -> None:
         journal.write_owner(tree, rel.parts, owner)
 
 
-def _remove(tree: Tree, rel: RelativeDir) -> bool:
+def _is_dir(tree: Tree, parts: tuple[str, ...]) -> bool:
+    """Whether ``parts`` is a plain directory (False if missing); Redirected if it is a symlink
+    or anything else, checked before an operation record is written for it."""
+    try:
+        info = tree.entry(parts)
+    except FileNotFoundError:
+        return False
+    if info is None:
+        return False
+    if stat.S_ISLNK(info.st_mode):
+        raise Redirected("/".join(parts), SYMLINK)
+    if not stat.S_ISDIR(info.st_mode):
+        raise Redirected("/".join(parts), NOT_A_DIRECTORY)
+    return True
+
+
+def _remove(tree: Tree, operation: Operation) -> bool:
+    rel = parse_relative(operation.source)
+    if not _is_dir(tree, rel.parts) and journal.read_operation(tree, operation.volume) is None:
+        journal.remove_owners(tree, rel.parts)
+        return False
+    journal.write_operation(tree, operation)
     try:
         existed = tree.remove_tree(rel.parts)
     except FileNotFoundError:
         existed = False  # a parent is missing, so the directory is too
     journal.remove_owners(tree, rel.parts)
+    journal.clear_operation(tree, operation.volume)
     return existed
 
 
-def _archive(tree: Tree, rel: RelativeDir, volume: str) -> RelativeDir | None:
-    def taken(name: RelativeDir) -> bool:
-        return tree.entry(name.parts) is not None
-
-    try:
-        if tree.entry(rel.parts) is None:
-            return None
-    except FileNotFoundError:
-        return None
-    # Records first, directory second: killed in between, the directory is still at ``rel``
-    # and the retry picks the same free name, where move_owners finds the records by volume.
-    # (The other order would leave an archive without its owner, reusable by any namespace.)
-    records = rel
-    for _ in range(_ARCHIVE_ATTEMPTS):
-        target = archive_name(rel, taken)
-        journal.move_owners(tree, records.parts, target.leaf, volume)
-        records = target
-        try:
-            if not tree.rename_dir(rel.parent_parts, rel.leaf, target.leaf):
-                journal.move_owners(tree, records.parts, rel.leaf, volume)
-                return None
-        except FileExistsError:
-            continue  # the name was taken between the check and the rename: pick the next
-        return target
-    journal.move_owners(tree, records.parts, rel.leaf, volume)
-    raise StorageError(
-        "archive_dir",
-        str(rel),
-        cause=f"every free archive name was taken before the rename, {_ARCHIVE_ATTEMPTS} times",
-        hint="something else is creating archived-* directories here; the delete is retried",
+def _taken_for_archive(tree: Tree, name: RelativeDir, pending: list[Operation]) -> bool:
+    """A directory, records (even without a directory: never judged stale from here) or a
+    release under way has the name."""
+    shown = str(name)
+    return (
+        tree.entry(name.parts) is not None
+        or journal.has_records(tree, name.parts)
+        or any(shown in operation.paths() for operation in pending)
     )
+
+
+def _archive_target(
+    tree: Tree, rel: RelativeDir, volume: str, free: Callable[[tuple[str, ...]], bool]
+) -> RelativeDir | None:
+    """The archive name for ``rel``: the one an unfinished archive of ``volume`` chose, or the
+    first free one; None when there is nothing to archive."""
+    if volume:
+        pending = journal.read_operation(tree, volume)
+        if pending is not None and pending.kind == "archive" and pending.source == str(rel):
+            return parse_relative(pending.target)
+    if not _is_dir(tree, rel.parts):
+        return None
+    operations = journal.read_operations(tree)
+    return archive_name(
+        rel, lambda name: not free(name.parts) or _taken_for_archive(tree, name, operations)
+    )
+
+
+def _archive(tree: Tree, op: Operation) -> RelativeDir | None:
+    """Rename the directory, then move its records, under an ``Operation`` record: run again
+    after any failure, it finishes the same archive (roll forward, never back)."""
+    source, target = parse_relative(op.source), parse_relative(op.target)
+    pending = journal.read_operation(tree, op.volume)
+    if pending is None or pending.paths() != op.paths():
+        others = [item for item in journal.read_operations(tree) if item.volume != op.volume]
+        if tree.entry(target.parts) is not None or any(
+            str(target) in item.paths() for item in others
+        ):
+            raise _TargetTaken(str(target))
+        if not _is_dir(tree, source.parts):
+            return None
+        # Records at the free name without a directory are a crash's leftover of a create; we
+        # hold the reservation and the lock that cover the name, so we may judge them stale.
+        journal.remove_owners(tree, target.parts)
+        journal.write_operation(tree, op)
+    at_source = tree.entry(source.parts) is not None
+    at_target = tree.entry(target.parts) is not None
+    if at_source and at_target:
+        raise StorageError(
+            "archive_dir",
+            str(source),
+            cause=f'both it and its archive "{target}" exist while the archive was under way',
+            hint="an admin moved directories here; inspect both and remove "
+            f"{JOURNAL_DIR}/operations/{op.volume}.json when done",
+        )
+    if at_source:
+        try:
+            tree.rename_dir(source.parent_parts, source.leaf, target.leaf)
+        except FileExistsError:
+            # Made there since the check (only possible on NFS's check-then-rename, by
+            # something that takes no lock): nothing moved, so the record is simply withdrawn.
+            journal.clear_operation(tree, op.volume)
+            raise _TargetTaken(str(target)) from None
+    elif not at_target:
+        journal.clear_operation(tree, op.volume)
+        return None  # the directory is gone (by hand): its records stay for an admin to see
+    journal.move_owners(tree, source.parts, target.parts)
+    journal.clear_operation(tree, op.volume)
+    return target
 
 
 def _check_writable(mount: Path, calls: Syscalls) -> None:

@@ -19,6 +19,7 @@ from provisioner import core, orphans
 from provisioner.api import KubeApi
 from provisioner.kube import ApiError
 from provisioner.paths import UnsafePathError, parse_relative
+from provisioner.reservations import Busy
 from provisioner.safefs import Redirected
 from provisioner.storage import Storage, StorageError
 
@@ -41,7 +42,15 @@ async def _sweep(
     storage: Storage, kube: KubeApi, export: core.Export, cluster: str, provisioner: str
 ) -> list[str]:
     try:
-        # No write of ours is in flight yet: any temporary file of ours is a dead one.
+        # No write of ours is in flight yet: any lock or temporary file of ours that an earlier
+        # instance of this cluster's provisioner left is a dead one.
+        locks = await storage.remove_locks_left()
+        if locks:
+            logger.info(
+                "orphan sweep: removed %d export lock(s) an earlier run left: %s",
+                len(locks),
+                ", ".join(sorted(locks)),
+            )
         leftovers = await storage.remove_temporaries(cluster, provisioner)
         if leftovers:
             logger.info(
@@ -96,6 +105,6 @@ async def _sweep(
                         claim,
                         intent.namespace,
                     )
-        except (StorageError, Redirected, UnsafePathError) as error:
+        except (StorageError, Redirected, UnsafePathError, Busy) as error:
             logger.warning("orphan sweep: could not settle %s: %s", intent.directory, error)
     return removed

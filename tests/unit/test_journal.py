@@ -193,7 +193,7 @@ def test_remove_owners_forgets_the_directory_and_everything_below(tree: Tree, ex
 def test_move_owners_follows_a_rename_with_everything_below(tree: Tree) -> None:
     journal.write_owner(tree, ("ns", "app"), OWNER)
     journal.write_owner(tree, ("ns", "app", "inner"), OTHER)
-    journal.move_owners(tree, ("ns", "app"), "archived-app")
+    journal.move_owners(tree, ("ns", "app"), ("ns", "archived-app"))
     assert journal.read_owner(tree, ("ns", "app")) is None
     assert journal.read_owner(tree, ("ns", "archived-app")) == OWNER
     assert journal.read_owner(tree, ("ns", "archived-app", "inner")) == OTHER
@@ -203,7 +203,7 @@ def test_move_owners_replaces_a_stale_record_at_the_new_name(tree: Tree) -> None
     journal.write_owner(tree, ("ns", "archived-app"), OTHER)
     journal.write_owner(tree, ("ns", "archived-app", "stale"), OTHER)
     journal.write_owner(tree, ("ns", "app"), OWNER)
-    journal.move_owners(tree, ("ns", "app"), "archived-app")
+    journal.move_owners(tree, ("ns", "app"), ("ns", "archived-app"))
     assert journal.read_owner(tree, ("ns", "archived-app")) == OWNER
     assert journal.read_owner(tree, ("ns", "archived-app", "stale")) is None
 
@@ -221,7 +221,7 @@ def test_move_owners_without_a_record_moves_nothing(
     if recorded:
         journal.write_owner(tree, recorded, OWNER)
     before = files_under(export)
-    journal.move_owners(tree, ("ns", "app"), "archived-app")
+    journal.move_owners(tree, ("ns", "app"), ("ns", "archived-app"))
     assert files_under(export) == before
 
 

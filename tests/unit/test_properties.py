@@ -49,6 +49,7 @@ from provisioner.paths import (
 )
 from provisioner.safefs import SYMLINK, LocalSyscalls, Redirected
 from provisioner.storage import DirOwner, Storage, StorageError
+from tests.scaffolding import is_scaffolding
 
 PROPERTIES = settings(
     max_examples=200,
@@ -204,7 +205,7 @@ def snapshot(root: Path) -> Snapshot:
                 elif stat.S_ISDIR(info.st_mode):
                     pending.append((key + "/", entry.path))
                 found[key] = Node(info.st_mode, info.st_ino, info.st_uid, info.st_gid, detail)
-    return found
+    return {key: node for key, node in found.items() if not is_scaffolding(key)}
 
 
 def under(key: str, prefix: str) -> bool:
