@@ -23,7 +23,7 @@ import secrets
 import stat
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
@@ -186,6 +186,67 @@ def _join(where: str, name: str) -> str:
     return f"{where}/{name}" if where else name
 
 
+_CHANGES_ALLOWED = 4096
+"""How many changes by the tenant one ``remove_tree`` follows (a directory filled again before
+its rmdir, an entry replaced by one of another kind, a directory moved from under the walk)
+before it gives up with EAGAIN: a workload rewriting its volume forever must not hold a storage
+thread forever. The delete is retried later, by which time the workload is usually gone."""
+
+_KEPT_CHANGING = "the volume kept changing while it was deleted; the delete is retried"
+
+
+def _identity(fd: int) -> tuple[int, int]:
+    """``(st_dev, st_ino)`` of an open descriptor: which directory it is, whatever its name."""
+    info = os.fstat(fd)
+    return info.st_dev, info.st_ino
+
+
+class _Level(NamedTuple):
+    """A directory on the path from the top of a remove down to the current directory."""
+
+    name: str
+    """Its name in the level above (unused for the top)."""
+    ident: tuple[int, int]
+    pending: list[str]
+    """Names listed in it and not handled yet; the walk takes them from the end."""
+
+
+class _Walk:
+    """One recursive remove: the current directory (``fd``, the only descriptor it holds,
+    whatever the depth), the levels above it by name and identity, and how many more changes by
+    the tenant it follows. ``top`` belongs to the caller."""
+
+    def __init__(self, top: int, top_where: str) -> None:
+        self.top = top
+        self.top_where = top_where
+        self.fd = -1
+        self.where = top_where
+        self.levels: list[_Level] = []
+        self.changes_left = _CHANGES_ALLOWED
+
+    def spend(self) -> None:
+        """Count one change by the tenant; OSError EAGAIN once there were too many."""
+        if self.changes_left <= 0:
+            raise OSError(errno.EAGAIN, _KEPT_CHANGING, self.top_where)
+        self.changes_left -= 1
+
+    def requeue(self, name: str) -> None:
+        """Handle ``name`` in the current directory again: the tenant changed it meanwhile."""
+        self.spend()
+        self.levels[-1].pending.append(name)
+
+    def move(self, fd: int, where: str) -> None:
+        """Make ``fd`` (owned from now on) the current directory; close the previous one."""
+        self.close()
+        self.fd = fd
+        self.where = where
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 class Tree:
     """An open descriptor on the export root, and every walk and effect below it.
 
@@ -303,9 +364,14 @@ class Tree:
         return fd, created
 
     def remove_tree(self, parts: Sequence[str]) -> bool:
-        """Remove the directory ``parts`` and everything in it; False if it was missing.
+        """Remove the directory ``parts`` and everything in it; False only if it is missing
+        (FileNotFoundError, as from ``opened``, if a parent of it is missing).
 
         Symlinks inside are unlinked, never followed; a mount point inside stops the remove.
+        The tenant may still be changing its volume: an entry that vanishes is skipped, a
+        directory filled again is listed again, and a directory moved from under the walk
+        makes it start again from the top. None of that reads as "missing"; after
+        ``_CHANGES_ALLOWED`` such changes it gives up with OSError EAGAIN.
         """
         where = "/".join(parts)
         with self.opened(parts[:-1]) as parent:
@@ -313,46 +379,149 @@ class Tree:
                 top = self.open_child(parent, parts[-1], where)
             except FileNotFoundError:
                 return False
+            walk = _Walk(top, where)
             try:
-                self._remove_contents(top, where)
+                self._remove_contents(walk)
+                while not self._rmdir_emptied(parent, parts[-1], where):
+                    walk.spend()
+                    self._remove_contents(walk)
             finally:
+                walk.close()
                 os.close(top)
-            self.calls.rmdir(parent, parts[-1], where)
         return True
 
-    def _remove_contents(self, top: int, top_where: str) -> None:
-        # Iterative, so a tenant's deeply nested tree cannot exhaust Python's recursion limit.
-        stack: list[tuple[int, str, list[str]]] = [
-            (top, top_where, self.calls.listdir(top, top_where))
-        ]
+    def _remove_contents(self, walk: _Walk) -> None:
+        """Empty the top directory of ``walk``, listing it afresh.
+
+        Iterative, so a tenant's deeply nested tree cannot exhaust Python's recursion limit;
+        and it holds at most two descriptors of its own at any depth (the current directory
+        and the one being entered or gone back to), so it cannot exhaust the descriptors.
+        """
+        self._start(walk)
+        while True:
+            level = walk.levels[-1]
+            if level.pending:
+                self._remove_entry(walk, level.pending.pop())
+            elif len(walk.levels) > 1:
+                self._ascend(walk)
+            else:
+                walk.close()
+                return
+
+    def _start(self, walk: _Walk) -> None:
+        """Make the top the current directory, listed afresh, with no level below it."""
+        fd = os.dup(walk.top)
+        walk.move(fd, walk.top_where)
+        walk.levels = [_Level("", _identity(fd), self._listing(fd, walk.top_where))]
+
+    def _listing(self, fd: int, where: str) -> list[str]:
+        """The names in the directory ``fd``; none if it was removed meanwhile."""
         try:
-            while stack:
-                fd, where, names = stack[-1]
-                if not names:
-                    stack.pop()
-                    if stack:
-                        parent_fd, _, _ = stack[-1]
-                        os.close(fd)
-                        self.calls.rmdir(parent_fd, where.rsplit("/", 1)[-1], where)
-                    continue
-                name = names.pop()
-                child = _join(where, name)
-                info = self.calls.stat(fd, name, child)
-                if not stat.S_ISDIR(info.st_mode):
-                    self.calls.unlink(fd, name, child)
-                    continue
-                if info.st_dev != self.dev:
-                    raise Redirected(child, MOUNT_POINT)
-                sub = self.open_child(fd, name, child)
-                try:
-                    listing = self.calls.listdir(sub, child)
-                except BaseException:
-                    os.close(sub)
-                    raise
-                stack.append((sub, child, listing))
-        finally:
-            for fd, _, _ in stack[1:]:
-                os.close(fd)
+            return self.calls.listdir(fd, where)
+        except FileNotFoundError:
+            return []
+
+    def _remove_entry(self, walk: _Walk, name: str) -> None:
+        """Unlink ``name`` in the current directory, or enter it if it is a directory."""
+        where = _join(walk.where, name)
+        try:
+            info = self.calls.stat(walk.fd, name, where)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISDIR(info.st_mode):
+            self._unlink_entry(walk, name, where)
+        elif info.st_dev != self.dev:
+            raise Redirected(where, MOUNT_POINT)
+        else:
+            self._descend(walk, name, where)
+
+    def _unlink_entry(self, walk: _Walk, name: str, where: str) -> None:
+        """Unlink what is not a directory; a directory put in its place is handled again."""
+        try:
+            self.calls.unlink(walk.fd, name, where)
+        except FileNotFoundError:
+            pass
+        except IsADirectoryError:
+            walk.requeue(name)
+
+    def _descend(self, walk: _Walk, name: str, where: str) -> None:
+        """Make the directory ``name`` the current one, its listing a new level; a symlink or
+        file put in its place since its lstat is handled again, never followed."""
+        try:
+            fd = self.calls.open(walk.fd, name, _DIR_FLAGS, where)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                raise
+            walk.requeue(name)
+            return
+        try:
+            ident = _identity(fd)
+            if ident[0] != self.dev:
+                raise Redirected(where, MOUNT_POINT)
+            listing = self._listing(fd, where)
+        except BaseException:
+            os.close(fd)
+            raise
+        walk.move(fd, where)
+        walk.levels.append(_Level(name, ident, listing))
+
+    def _ascend(self, walk: _Walk) -> None:
+        """Go back up to the level above and rmdir the directory just emptied there.
+
+        The level above is reached by opening ".." and is used only if it is the directory the
+        walk came down from: a tenant who moved the current directory elsewhere makes ".."
+        another directory, perhaps outside the volume, whose entries are not ours to remove.
+        Then the walk starts again from the top. A directory filled again before its rmdir,
+        or replaced by a file, is handled again.
+        """
+        emptied = walk.levels.pop()
+        where = walk.where[: len(walk.where) - len(emptied.name) - 1]
+        fd = self._open_parent(walk, walk.levels[-1].ident)
+        if fd is None:
+            walk.spend()
+            self._start(walk)
+            return
+        emptied_where = walk.where
+        walk.move(fd, where)
+        try:
+            if self._rmdir_emptied(fd, emptied.name, emptied_where):
+                return
+        except NotADirectoryError:
+            pass
+        walk.requeue(emptied.name)
+
+    def _open_parent(self, walk: _Walk, ident: tuple[int, int]) -> int | None:
+        """A descriptor on ".." of the current directory if that is the directory ``ident``,
+        else None. The call's ``where`` is ``<current>/..``, what it opens as the walk sees it,
+        so that it is told apart from the open of the same directory on the way down."""
+        try:
+            fd = self.calls.open(walk.fd, "..", _DIR_FLAGS, _join(walk.where, ".."))
+        except FileNotFoundError:
+            return None
+        try:
+            same = _identity(fd) == ident
+        except BaseException:
+            os.close(fd)
+            raise
+        if not same:
+            os.close(fd)
+            return None
+        return fd
+
+    def _rmdir_emptied(self, parent: int, name: str, where: str) -> bool:
+        """rmdir a directory the walk emptied: True once it is gone (also if someone else
+        removed it), False if the tenant put something in it again."""
+        try:
+            self.calls.rmdir(parent, name, where)
+        except FileNotFoundError:
+            return True
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                return False
+            raise
+        return True
 
     def remove_empty(self, parts: Sequence[str]) -> bool:
         """rmdir: True if removed; False if missing or not empty (nothing with data is lost)."""

@@ -12,9 +12,13 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import resource
+import secrets
+import shutil
 import stat
 import subprocess
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -393,6 +397,358 @@ def test_remove_tree_closes_every_descriptor_when_a_call_fails(
         with pytest.raises(OSError, match="Input/output error"):
             tree.remove_tree(("vol",))
         assert open_descriptors() == before
+
+
+@pytest.fixture
+def fast_export(tmp_path: Path) -> Iterator[Path]:
+    """An export on tmpfs where there is one (/dev/shm), else in tmp_path: a disk can take
+    seconds for the ten thousand mkdirs of a deep tree, tmpfs a fraction of one."""
+    shm = Path("/dev/shm")
+    if not (shm.is_dir() and os.access(shm, os.W_OK)):
+        yield tmp_path
+        return
+    base = Path(tempfile.mkdtemp(dir=shm, prefix="test-safefs-"))
+    try:
+        yield base
+    finally:
+        # What a failed test leaves is too deep for shutil.rmtree's recursion.
+        subprocess.run(["rm", "-rf", "--", str(base)], check=True)
+
+
+def nest(export: Path, depth: int) -> None:
+    """``vol/d/d/.../d``, ``depth`` levels below ``vol``, with a file at every level. Made
+    through descriptors: the full path is far longer than PATH_MAX."""
+    fd = os.open(export, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.mkdir("vol", dir_fd=fd)
+        for level in range(depth):
+            name = "vol" if level == 0 else "d"
+            child = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+            os.mkdir("d", dir_fd=fd)
+            os.close(os.open("f", os.O_WRONLY | os.O_CREAT, dir_fd=fd))
+    finally:
+        os.close(fd)
+
+
+def test_remove_tree_removes_a_tree_10000_deep(fast_export: Path) -> None:
+    nest(fast_export, 10_000)
+    with Tree(fast_export, LocalSyscalls()) as tree:
+        before = open_descriptors()
+        assert tree.remove_tree(("vol",)) is True
+        assert open_descriptors() == before
+    assert os.listdir(fast_export) == []
+
+
+def test_remove_tree_removes_a_deep_tree_under_a_low_descriptor_limit(
+    fast_export: Path,
+) -> None:
+    """A tree deeper than the descriptor limit must not fail every retry with EMFILE."""
+    nest(fast_export, 1500)
+    with Tree(fast_export, LocalSyscalls()) as tree:
+        before = open_descriptors()
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        try:
+            removed = tree.remove_tree(("vol",))
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert open_descriptors() == before
+    assert removed is True
+    assert os.listdir(fast_export) == []
+
+
+Hook = Callable[[str, str], None]
+"""Called as ``hook(op, where)`` just before a call."""
+
+
+class Tenant(LocalSyscalls):
+    """``LocalSyscalls`` that runs ``hook`` just before each call of a walk, playing a tenant
+    who changes its volume between the walk's listdir and its next calls. Names are listed
+    sorted, so that a walk (which takes the last listed name first) is the same on every run."""
+
+    def __init__(self, hook: Hook) -> None:
+        self.hook = hook
+
+    def open(self, parent: int, name: str, flags: int, where: str) -> int:
+        self.hook("open", where)
+        return super().open(parent, name, flags, where)
+
+    def stat(self, parent: int, name: str, where: str) -> os.stat_result:
+        self.hook("stat", where)
+        return super().stat(parent, name, where)
+
+    def unlink(self, parent: int, name: str, where: str) -> None:
+        self.hook("unlink", where)
+        super().unlink(parent, name, where)
+
+    def rmdir(self, parent: int, name: str, where: str) -> None:
+        self.hook("rmdir", where)
+        super().rmdir(parent, name, where)
+
+    def listdir(self, fd: int, where: str) -> list[str]:
+        self.hook("listdir", where)
+        return sorted(super().listdir(fd, where))
+
+
+Act = Callable[[Path], None]
+"""A change the tenant makes, given the path of its volume."""
+
+
+class Change:
+    """A ``Hook`` making the change ``act`` just before the calls ``op`` on ``where``: the
+    first ``times`` of them, or all of them if None."""
+
+    def __init__(
+        self,
+        volume: Path,
+        op: str,
+        where: str,
+        act: Act,
+        times: int | None = 1,
+    ) -> None:
+        self.volume = volume
+        self.op = op
+        self.where = where
+        self.act = act
+        self.times = times
+        self.fired = 0
+
+    def __call__(self, op: str, where: str) -> None:
+        if (op, where) != (self.op, self.where):
+            return
+        if self.times is None or self.fired < self.times:
+            self.fired += 1
+            self.act(self.volume)
+
+
+def unlinking(path: str) -> Act:
+    return lambda volume: (volume / path).unlink()
+
+
+def removing(path: str) -> Act:
+    return lambda volume: shutil.rmtree(volume / path)
+
+
+def renaming(src: str, dst: str) -> Act:
+    return lambda volume: os.rename(volume / src, volume / dst)
+
+
+def writing(path: str) -> Act:
+    def act(volume: Path) -> None:
+        (volume / path).parent.mkdir(parents=True, exist_ok=True)
+        (volume / path).write_text("written by the tenant during the delete")
+
+    return act
+
+
+def replacing_by_directory(path: str) -> Act:
+    def act(volume: Path) -> None:
+        (volume / path).unlink()
+        writing(f"{path}/inner")(volume)
+
+    return act
+
+
+def replacing_by_file(path: str) -> Act:
+    def act(volume: Path) -> None:
+        shutil.rmtree(volume / path)
+        (volume / path).write_text("a file now")
+
+    return act
+
+
+def replacing_by_link(path: str, target: Path) -> Act:
+    def act(volume: Path) -> None:
+        shutil.rmtree(volume / path)
+        (volume / path).symlink_to(target)
+
+    return act
+
+
+def tenant_volume(export: Path) -> Path:
+    """``ns/vol`` with files and nested directories, beside a sibling that must be kept."""
+    volume = export / "ns" / "vol"
+    (volume / "sub" / "deeper").mkdir(parents=True)
+    for path in ("f", "sub/f", "sub/g", "sub/deeper/h"):
+        (volume / path).write_text("tenant data")
+    (export / "ns" / "sibling").mkdir()
+    (export / "ns" / "sibling" / "kept").write_text("sibling data")
+    return volume
+
+
+def remove_while_the_tenant_changes(export: Path, change: Change) -> None:
+    """remove_tree of ``ns/vol`` finds the volume gone, with the change made once, and
+    nothing else changed (or a descriptor left open)."""
+    before = snapshot(export.parent)
+    descriptors = open_descriptors()
+    with Tree(export, Tenant(change)) as tree:
+        assert tree.remove_tree(("ns", "vol")) is True
+    assert change.fired == 1, "the tenant's change was made"
+    assert not os.path.lexists(export / "ns" / "vol")
+    assert snapshot(export.parent) == without(before, "export/ns/vol")
+    assert open_descriptors() == descriptors
+
+
+@pytest.mark.parametrize(
+    ("op", "where", "act"),
+    [
+        pytest.param("stat", "ns/vol/sub/f", unlinking("sub/f"), id="unlinked-before-stat"),
+        pytest.param("unlink", "ns/vol/sub/f", unlinking("sub/f"), id="unlinked-before-unlink"),
+        pytest.param("stat", "ns/vol/sub/f", renaming("sub/f", "sub/a"), id="renamed-in-place"),
+        pytest.param("unlink", "ns/vol/sub/f", renaming("sub/f", "g2"), id="renamed-to-the-top"),
+        pytest.param("open", "ns/vol/sub/deeper", removing("sub/deeper"), id="removed-before-open"),
+        pytest.param(
+            "open", "ns/vol/sub/deeper", renaming("sub/deeper", "sub/e"), id="renamed-before-open"
+        ),
+        pytest.param(
+            "listdir", "ns/vol/sub/deeper", removing("sub/deeper"), id="removed-before-listdir"
+        ),
+        pytest.param(
+            "rmdir", "ns/vol/sub/deeper", removing("sub/deeper"), id="removed-before-rmdir"
+        ),
+        pytest.param("rmdir", "ns/vol", removing(""), id="top-removed-before-its-rmdir"),
+    ],
+)
+def test_remove_tree_skips_what_the_tenant_removes_or_renames(
+    export: Path, op: str, where: str, act: Act
+) -> None:
+    """An entry gone between the listdir and the next call is not "the volume is missing"."""
+    volume = tenant_volume(export)
+    remove_while_the_tenant_changes(export, Change(volume, op, where, act))
+
+
+@pytest.mark.parametrize(
+    ("where", "act"),
+    [
+        pytest.param("ns/vol/sub/deeper", writing("sub/deeper/new"), id="file-in-the-deepest"),
+        pytest.param("ns/vol/sub", writing("sub/new/dir/file"), id="nested-dirs-in-a-subdir"),
+        pytest.param("ns/vol", writing("new"), id="file-in-the-top"),
+    ],
+)
+def test_remove_tree_lists_again_what_the_tenant_fills_before_its_rmdir(
+    export: Path, where: str, act: Act
+) -> None:
+    volume = tenant_volume(export)
+    remove_while_the_tenant_changes(export, Change(volume, "rmdir", where, act))
+
+
+@pytest.mark.parametrize(
+    ("op", "where", "act"),
+    [
+        pytest.param("unlink", "ns/vol/f", replacing_by_directory("f"), id="file-by-directory"),
+        pytest.param(
+            "open", "ns/vol/sub/deeper", replacing_by_file("sub/deeper"), id="dir-by-file"
+        ),
+        pytest.param(
+            "rmdir", "ns/vol/sub/deeper", replacing_by_file("sub/deeper"), id="emptied-by-file"
+        ),
+    ],
+)
+def test_remove_tree_handles_again_what_the_tenant_replaces(
+    export: Path, op: str, where: str, act: Act
+) -> None:
+    volume = tenant_volume(export)
+    remove_while_the_tenant_changes(export, Change(volume, op, where, act))
+
+
+@pytest.mark.parametrize("target", ["dir", "marker"])
+def test_remove_tree_unlinks_a_symlink_put_in_place_of_a_directory(
+    export: Path, outside: Path, target: str
+) -> None:
+    """Replaced between its lstat and its open: the open refuses it (O_NOFOLLOW), the walk
+    looks at it again and unlinks the symlink; what it points to is untouched."""
+    volume = tenant_volume(export)
+    act = replacing_by_link("sub/deeper", outside / target)
+    remove_while_the_tenant_changes(export, Change(volume, "open", "ns/vol/sub/deeper", act))
+    assert (outside / "marker").read_text() == MARKER
+
+
+@pytest.mark.parametrize(
+    "destination",
+    [
+        pytest.param("other/moved", id="to-another-volume"),
+        pytest.param("vol/moved", id="within-the-volume"),
+    ],
+)
+def test_remove_tree_starts_again_when_the_directory_it_is_in_is_moved(
+    export: Path, destination: str
+) -> None:
+    """The walk goes back up through "..": moved, the directory it is in has another "..".
+
+    The tenant moves ``vol/a/sub`` while the walk is in it (just before the rmdir of the
+    emptied ``sub/deep``). ``vol/a`` holds files a1-a3, still pending there when the walk
+    goes back up from ``sub`` (names are taken from the end of the sorted listing), and so
+    does the tenant's other volume ``other``: going up into it and carrying on would remove
+    those.
+    """
+    ns = export / "ns"
+    (ns / "vol" / "a" / "sub" / "deep").mkdir(parents=True)
+    (ns / "vol" / "a" / "sub" / "deep" / "file").write_text("tenant data")
+    (ns / "other").mkdir()
+    for name in ("a1", "a2", "a3"):
+        (ns / "vol" / "a" / name).write_text("tenant data")
+        (ns / "other" / name).write_text("another volume's data")
+    before = snapshot(export.parent)
+    change = Change(ns, "rmdir", "ns/vol/a/sub/deep", renaming("vol/a/sub", destination))
+    with Tree(export, Tenant(change)) as tree:
+        assert tree.remove_tree(("ns", "vol")) is True
+    assert change.fired == 1
+    assert not os.path.lexists(ns / "vol")
+    after = snapshot(export.parent)
+    if destination == "other/moved":
+        assert os.listdir(ns / "other" / "moved") == [], "it was emptied while in the volume"
+        del after["export/ns/other/moved"]
+    assert after == without(before, "export/ns/vol")
+
+
+def refilling_the_subdirectory(volume: Path) -> None:
+    (volume / "sub" / secrets.token_hex(4)).write_text("more")
+
+
+def refilling_the_top(volume: Path) -> None:
+    (volume / secrets.token_hex(4)).write_text("more")
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize(
+    ("where", "act"),
+    [
+        pytest.param("ns/vol/sub", refilling_the_subdirectory, id="a-subdirectory"),
+        pytest.param("ns/vol", refilling_the_top, id="the-top"),
+    ],
+)
+def test_remove_tree_gives_up_on_a_tenant_that_never_stops(
+    export: Path, monkeypatch: pytest.MonkeyPatch, where: str, act: Act
+) -> None:
+    """A file added before every rmdir: the walk follows a bounded number of changes, then
+    fails with EAGAIN (the delete is retried later) instead of looping forever."""
+    monkeypatch.setattr(safefs, "_CHANGES_ALLOWED", 25)
+    volume = tenant_volume(export)
+    change = Change(volume, "rmdir", where, act, times=None)
+    descriptors = open_descriptors()
+    with Tree(export, Tenant(change)) as tree, pytest.raises(OSError) as caught:
+        tree.remove_tree(("ns", "vol"))
+    assert caught.value.errno == errno.EAGAIN
+    assert caught.value.strerror == (
+        "the volume kept changing while it was deleted; the delete is retried"
+    )
+    assert caught.value.filename == "ns/vol"
+    assert change.fired == 26, "25 changes followed, the 26th given up on"
+    assert (export / "ns" / "sibling" / "kept").read_text() == "sibling data"
+    assert open_descriptors() == descriptors
+
+
+def test_remove_tree_holds_a_constant_number_of_descriptors(export: Path) -> None:
+    """Whatever the depth: the parent and the top, the current directory and the next one."""
+    nest(export, 60)
+    counts: list[int] = []
+    with Tree(export, Tenant(lambda *_: counts.append(open_descriptors()))) as tree:
+        before = open_descriptors()
+        assert tree.remove_tree(("vol",)) is True
+    assert counts
+    assert max(counts) - before <= 4
 
 
 @pytest.mark.parametrize(
