@@ -162,7 +162,9 @@ def _create(tree: Tree, name: str, data: bytes) -> None:
 
 
 def _break(tree: Tree, name: str, expired: LockRecord | None) -> None:
-    """Rename the expired lock aside (only one breaker can) and remove it."""
+    """Rename the expired lock aside (only one breaker can) and remove it. If what was moved is
+    not the expired record read before (another breaker took the name meanwhile), it is put
+    back: only the lock that was judged expired is ever removed."""
     aside = f"{_BROKEN_PREFIX}{secrets.token_hex(8)}"
     where = "/".join((*LOCKS, name))
     with tree.opened(LOCKS) as parent:
@@ -170,6 +172,20 @@ def _break(tree: Tree, name: str, expired: LockRecord | None) -> None:
             tree.calls.rename(parent, name, parent, aside, where, replace=True)
         except FileNotFoundError:
             return  # another writer broke or released it first
+        raw = tree.read_file(LOCKS, aside)
+        moved = None if raw is None else _decode(raw)
+        if moved != expired:
+            try:
+                tree.calls.rename(parent, aside, parent, name, where, replace=False)
+            except FileExistsError:
+                logger.error(
+                    "export lock %s: a live lock was moved aside while breaking an expired one, "
+                    "and another took its place; %s may overlap another writer's work",
+                    where,
+                    moved.writer.describe() if moved is not None else "its holder",
+                )
+                tree.remove_file(LOCKS, aside)
+            return
     logger.warning(
         "export lock %s: broke the expired lock of %s",
         where,
@@ -185,6 +201,7 @@ def renew(tree: Tree, record: LockRecord) -> bool:
     found = _read(tree, name)
     if found is None or found[0] is None or found[0].instance != record.instance:
         return False
+    os.close(tree.make_dirs(SCRATCH)[0])
     tree.write_file(
         LOCKS,
         name,
@@ -247,6 +264,9 @@ class ExportLocks:
         self._counts: dict[str, int] = {}
         self._taking: dict[str, asyncio.Future[None]] = {}
         self._renewing: asyncio.Task[None] | None = None
+        # A renewal reads the lock and writes it back: a release between the two would be
+        # undone, so renewals and releases take turns.
+        self._turn = asyncio.Lock()
         self.lost: set[str] = set()
         """Components whose lock another writer broke while we held it (never expected: it
         means this process stalled for longer than ``ttl``)."""
@@ -295,7 +315,8 @@ class ExportLocks:
         self._counts.pop(component, None)
         instance = self.writer.instance
         try:
-            await self._run("unlock", lambda tree: release(tree, component, instance))
+            async with self._turn:
+                await self._run("unlock", lambda tree: release(tree, component, instance))
         except Exception as error:  # noqa: BLE001 - unrenewed, the lock ages out after ttl
             logger.warning(
                 "export lock of %r: could not remove it (%s); it expires in %.0f s",
@@ -316,7 +337,10 @@ class ExportLocks:
             await asyncio.sleep(self.ttl / 4)
             for component in list(self._counts):
                 try:
-                    kept = await self._run("renew_lock", _renewal(self._record(component)))
+                    async with self._turn:
+                        if component not in self._counts:
+                            continue  # released meanwhile
+                        kept = await self._run("renew_lock", _renewal(self._record(component)))
                 except Exception as error:  # noqa: BLE001 - tried again at the next round
                     logger.warning("export lock of %r: renewal failed: %s", component, error)
                     continue

@@ -111,8 +111,11 @@ class RelativeDir:
 
 def is_journal_name(component: str) -> bool:
     """Whether a top-level component names the provisioner's own directory, in any case: on a
-    case-insensitive export (some NAS shares) ``.NFS-Provisioner`` is the same directory."""
-    return component.casefold() == JOURNAL_DIR.casefold()
+    case-insensitive export (some NAS shares) ``.NFS-Provisioner`` is the same directory. Both
+    folds: servers that compare by upper case also match a dotless i (U+0131) to ``i``."""
+    return (
+        component.casefold() == JOURNAL_DIR.casefold() or component.upper() == JOURNAL_DIR.upper()
+    )
 
 
 def _component_rule(part: str) -> str | None:
