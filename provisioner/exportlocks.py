@@ -131,7 +131,8 @@ def _read(tree: Tree, name: str) -> tuple[LockRecord | None, float] | None:
 def try_create(tree: Tree, record: LockRecord, ttl: float, now: float) -> LockRecord | None:
     """Take the lock of ``record.component``: None when taken, else the record of the live
     holder (a writer whose content is not written yet is shown as unknown). An expired lock
-    is broken first."""
+    is broken first; one of this very process (``instance``) that a failed release left is
+    taken over."""
     name = lock_name(record.component)
     os.close(tree.make_dirs(LOCKS)[0])
     for _attempt in range(2):
@@ -144,6 +145,11 @@ def try_create(tree: Tree, record: LockRecord, ttl: float, now: float) -> LockRe
         if found is None:
             continue  # released between the create and the read
         current, modified = found
+        if current is not None and current.instance == record.instance:
+            # Ours, left by a release that failed (an EIO on the unlink): the caller does not
+            # hold it (ExportLocks takes each component once), so it is taken over.
+            renew(tree, record)
+            return None
         if live(current, modified, now, ttl):
             return current or LockRecord("", "", "a writer that is writing its lock", "", 0.0)
         _break(tree, name, current)

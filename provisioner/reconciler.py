@@ -247,6 +247,10 @@ class Reconciler:
                     await self._provision(claim, storage_class, directory, parameters)
         except Busy as error:
             raise RetryLater(f"claim {claim.key}: {error}") from error
+        except StorageError as error:  # taking or giving back the export lock failed
+            self.metrics.provision_failed_total.labels(storage_class.name).inc()
+            self._event(claim_ref(claim), "Warning", "ProvisioningFailed", str(error))
+            raise RetryLater(f"claim {claim.key}: {error}") from error
 
     async def _confirmed(self, claim: core.Claim) -> bool:
         """Whether the claim still exists, by GET: a watch gap can leave a deleted claim in the

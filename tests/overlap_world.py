@@ -44,9 +44,9 @@ class Cluster:
     claims: dict[str, core.Claim] = field(default_factory=dict)
     moved: list[str] = field(default_factory=list)
 
-    def add_class(self, **parameters: str) -> None:
+    def add_class(self, name: str = "nfs", **parameters: str) -> None:
         body: JSON = {
-            "metadata": {"name": "nfs"},
+            "metadata": {"name": name},
             "provisioner": NAME,
             "parameters": {"pathPattern": f"${{.PVC.annotations.{PATH_KEY}}}", **parameters},
             "reclaimPolicy": "Delete",
@@ -56,11 +56,13 @@ class Cluster:
             core.storage_class_from(stored), stored["metadata"]["resourceVersion"]
         )
 
-    def add_claim(self, namespace: str, name: str, path: str) -> core.Claim:
+    def add_claim(
+        self, namespace: str, name: str, path: str, class_name: str = "nfs"
+    ) -> core.Claim:
         body: JSON = {
             "metadata": {"name": name, "namespace": namespace, "annotations": {PATH_KEY: path}},
             "spec": {
-                "storageClassName": "nfs",
+                "storageClassName": class_name,
                 "accessModes": ["ReadWriteMany"],
                 "resources": {"requests": {"storage": "1Mi"}},
             },

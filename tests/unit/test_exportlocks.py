@@ -326,13 +326,25 @@ class BreakerRacedAtRename(LocalSyscalls):
 
 
 def test_two_breakers_of_one_expired_lock_never_both_hold_it(tree: Tree, export: Path) -> None:
-    assert try_create(tree, record(A, "shared", NOW - 1), TTL, NOW - 100) is None
+    dead = replace(A, instance="host-a/1/killed")  # A's own lock would be taken over instead
+    assert try_create(tree, record(dead, "shared", NOW - 1), TTL, NOW - 100) is None
     calls = BreakerRacedAtRename(export)
     with Tree(export, calls) as racing:
         mine = try_create(racing, record(A, "shared", NOW + TTL), TTL, NOW)
     assert calls.raced is None  # B broke the expired lock and holds the component
     assert on_disk(export, "shared") == record(B, "shared", NOW + TTL)
     assert mine is not None  # so A must not hold it too
+
+
+def test_our_own_lock_left_by_a_failed_release_is_taken_over(tree: Tree, export: Path) -> None:
+    """An unlink that failed (EIO) leaves this very process's lock: its next reservation there
+    takes it over instead of waiting for it to expire."""
+    assert try_create(tree, record(A, "shared", NOW + TTL), TTL, NOW) is None
+    assert try_create(tree, record(A, "shared", NOW + 2 * TTL), TTL, NOW) is None
+    assert on_disk(export, "shared") == record(A, "shared", NOW + 2 * TTL)
+    assert try_create(tree, record(B, "shared", NOW + TTL), TTL, NOW) == record(
+        A, "shared", NOW + 2 * TTL
+    )
 
 
 # --- the locks an earlier instance left ----------------------------------------------------------
