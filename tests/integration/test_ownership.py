@@ -362,7 +362,11 @@ def test_concurrent_claims_for_nested_directories_never_both_proceed(
         "the second claim to be provisioned or told to wait",
         lambda: (
             admin.phase("pvc", "second", namespace) == "Bound"
-            or logged(process, f"claim {namespace}/second:", "being provisioned for another claim")
+            or logged(
+                process,
+                f"claim {namespace}/second:",
+                f"which the provisioning of claim {namespace}/first is working on right now",
+            )
         ),
         timeout=WAIT,
     )
