@@ -47,7 +47,7 @@ async def _sweep(
         locks = await storage.remove_locks_left()
         if locks:
             logger.info(
-                "orphan sweep: dropped %d export lock(s) an earlier run of ours left: %s",
+                "export locks: dropped %d lock(s) an earlier run of ours left when killed: %s",
                 len(locks),
                 ", ".join(sorted(locks)),
             )
