@@ -3,21 +3,41 @@
 A leftover directory is reused only by a claim of the namespace that owns it (ownership.py);
 when the data really is meant for another namespace, or has no owner record and a path outside
 the claim's namespace, an admin runs this inside the provisioner's pod (so only whoever may exec
-there, or write the export, can do it). It records the new owner through the same no-follow
-walk as every other write, and prints what it did.
+there, or write the export, can do it). It refuses a directory that a PersistentVolume uses (or
+one inside or around it): handing over a live volume would move it to another tenant under its
+pods. It records the new owner through the same no-follow walk, under the same reservation and
+export lock as every other write, and prints what it did.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterable
 from pathlib import Path
 
+from provisioner import core
 from provisioner.config import Handover, Settings
 from provisioner.journal import Owner
 from provisioner.kube import ApiError, KubeApi, load_api_client
+from provisioner.paths import RelativeDir
 from provisioner.reservations import Busy
 from provisioner.safefs import Redirected, Syscalls
 from provisioner.storage import Storage, StorageError
+
+
+def in_use(
+    directory: RelativeDir, volumes: Iterable[core.Volume], export: core.Export
+) -> list[str]:
+    """The PVs (ours, nfs-subdir's, made by hand) whose directory is ``directory``, inside it or
+    around it."""
+    return sorted(
+        volume.name
+        for volume in volumes
+        if any(
+            core.dirs_overlap(used, str(directory))
+            for used in core.volume_directories(volume, export)
+        )
+    )
 
 
 async def run(settings: Settings, request: Handover, calls: Syscalls) -> tuple[int, str]:
@@ -28,10 +48,19 @@ async def run(settings: Settings, request: Handover, calls: Syscalls) -> tuple[i
         return 1, f"handover: no Kubernetes configuration: {error}"
     try:
         cluster = await kube.cluster_uid()
+        volumes = await kube.list_volumes()
     except ApiError as error:
-        return 1, f"handover: cannot read the cluster's identity (kube-system's uid): {error}"
+        return 1, f"handover: cannot read the cluster's identity or its PersistentVolumes: {error}"
     finally:
         kube.close()
+    users = in_use(request.directory, volumes, core.Export(settings.nfs_server, settings.nfs_path))
+    if users:
+        return 1, (
+            f'handover: directory "{request.directory}" is used by PersistentVolume '
+            f"{', '.join(users)} (the same directory, inside it or around it); a directory in "
+            "use is not handed over, or its volume would change tenants under its pods. Delete "
+            "those claims first (with onDelete: retain to keep the data), then hand it over"
+        )
     storage = Storage(Path(settings.mount_path), calls, timeout=settings.fs_timeout)
     # Its own writer name: the provisioner's sweep removes only its own instances' locks.
     storage.set_writer(cluster, f"{settings.provisioner_name} (handover)")

@@ -652,3 +652,20 @@ def test_handover_refuses_what_it_must_not_record(
     assert result.stdout == ""
     assert records(site.export) == records_before
     assert site.snapshots() == before
+
+
+@pytest.mark.parametrize("where", ["{rel}", "{parent}"], ids=["the-volume", "around-it"])
+def test_handover_refuses_a_directory_a_volume_uses(tenants: Tenants, where: str) -> None:
+    """Handing over a live volume (or a directory around one) would give tenant B's data to
+    A under B's running pods: the command refuses, naming the PV, and records nothing."""
+    victim, site = tenants.b, tenants.site
+    directory = where.format(rel=victim.rel, parent=victim.rel.rpartition("/")[0] or victim.rel)
+    records_before = records(site.export)
+    before = site.snapshots()
+    result = run_handover(site, directory, tenants.a)
+    assert result.returncode == 1, result.stdout
+    assert f'handover: directory "{directory}" is used by PersistentVolume {victim.name}' in (
+        result.stderr
+    )
+    assert records(site.export) == records_before
+    assert site.snapshots() == before
