@@ -686,10 +686,25 @@ def _archive_target(
             return parse_relative(pending.target)
     if not _is_dir(tree, rel.parts):
         return None
+    left = _left_by_an_older_archive(tree, rel, volume)
+    if left is not None:
+        return left
     operations = journal.read_operations(tree)
     return archive_name(
         rel, lambda name: not free(name.parts) or _taken_for_archive(tree, name, operations)
     )
+
+
+def _left_by_an_older_archive(tree: Tree, rel: RelativeDir, volume: str) -> RelativeDir | None:
+    """The archive name where a version without operation records, which moved the records
+    first, left this volume's records when it was killed before the directory's rename: the
+    first name without a directory, holding a record made for ``volume``, while ``rel`` itself
+    has none. Its retry finishes there, as that version's would."""
+    if not volume or journal.has_records(tree, rel.parts):
+        return None
+    candidate = archive_name(rel, lambda name: tree.entry(name.parts) is not None)
+    owner = journal.read_owner(tree, candidate.parts)
+    return candidate if owner is not None and owner.volume == volume else None
 
 
 def _archive(tree: Tree, op: Operation) -> RelativeDir | None:
@@ -707,7 +722,8 @@ def _archive(tree: Tree, op: Operation) -> RelativeDir | None:
             return None
         # Records at the free name without a directory are a crash's leftover of a create; we
         # hold the reservation and the lock that cover the name, so we may judge them stale.
-        journal.remove_owners(tree, target.parts)
+        if _left_by_an_older_archive(tree, source, op.volume) != target:
+            journal.remove_owners(tree, target.parts)
         journal.write_operation(tree, op)
     at_source = tree.entry(source.parts) is not None
     at_target = tree.entry(target.parts) is not None

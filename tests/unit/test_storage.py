@@ -1186,3 +1186,19 @@ def test_fault_rules_match_op_and_path_substring(
             assert (tmp_path / name).is_dir()
     finally:
         os.close(parent)
+
+
+def test_an_archive_an_older_version_left_halfway_keeps_its_records(
+    storage: Storage, mount: Path
+) -> None:
+    """The version before operation records moved the records to the archive name first and
+    the directory second: killed in between, its records wait at ``archived-app`` with no
+    directory there. The retry by this version finishes at that name, records kept."""
+    rel = parse_relative("ns/app")
+    run(provision(storage, rel, DirOwner(), OWNER))
+    (mount / "ns" / "app" / "f").write_text("data")
+    owners = mount / JOURNAL_DIR / "owners" / "dns"
+    (owners / "dapp").rename(owners / "darchived-app")  # what the older version did first
+    assert run(storage.archive_dir(rel, OWNER.volume)) == RelativeDir(("ns", "archived-app"))
+    assert tree_of(mount) == ["ns", "ns/archived-app", "ns/archived-app/f"]
+    assert run(storage.inspect(parse_relative("ns/archived-app"))).leaf_owner == OWNER
