@@ -33,7 +33,7 @@ from types import MappingProxyType
 from typing import Any
 
 from provisioner.config import ANNOTATION_PREFIX, OnDelete
-from provisioner.paths import RelativeDir, UnsafePathError, parse_relative
+from provisioner.paths import RelativeDir, UnsafePathError, parse_relative, parts_overlap
 
 ANN_STORAGE_CLASS_BETA = "volume.beta.kubernetes.io/storage-class"
 ANN_STORAGE_PROVISIONER = "volume.kubernetes.io/storage-provisioner"
@@ -532,11 +532,8 @@ def volume_directories(volume: Volume, export: Export) -> frozenset[str]:
 
 
 def dirs_overlap(first: str, second: str) -> bool:
-    """Whether one directory is the other or lies inside it, component by component:
-    ``ns/app`` overlaps ``ns/app/data`` and ``ns``, not ``ns/application``."""
-    a, b = first.split("/"), second.split("/")
-    depth = min(len(a), len(b))
-    return a[:depth] == b[:depth]
+    """``paths.parts_overlap`` for directories written as ``a/b``."""
+    return parts_overlap(first.split("/"), second.split("/"))
 
 
 def claim_gone(cached: Claim, current: Claim | None) -> str | None:

@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,6 +107,13 @@ class RelativeDir:
     @property
     def parent_parts(self) -> tuple[str, ...]:
         return self.parts[:-1]
+
+
+def parts_overlap(first: Sequence[str], second: Sequence[str]) -> bool:
+    """Whether one path is the other or lies inside it, component by component: ``ns/app``
+    overlaps ``ns/app/data`` and ``ns``, not ``ns/application``."""
+    depth = min(len(first), len(second))
+    return tuple(first[:depth]) == tuple(second[:depth])
 
 
 def is_journal_name(component: str) -> bool:

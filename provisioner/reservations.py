@@ -35,12 +35,6 @@ class Busy(Exception):
         )
 
 
-def overlaps(first: tuple[str, ...], second: tuple[str, ...]) -> bool:
-    """One path is the other or lies inside it, component by component."""
-    depth = min(len(first), len(second))
-    return first[:depth] == second[:depth]
-
-
 @dataclass(frozen=True)
 class Held:
     """What one ``take`` reserved; give it back to ``give_back``."""

@@ -38,8 +38,14 @@ from provisioner.exportlocks import ExportLocks, Writer
 from provisioner.fence import Fence, Fenced
 from provisioner.journal import Intent, Operation, Owner
 from provisioner.ownership import Inspection
-from provisioner.paths import JOURNAL_DIR, RelativeDir, archive_name, parse_relative
-from provisioner.reservations import Busy, Reservations, overlaps
+from provisioner.paths import (
+    JOURNAL_DIR,
+    RelativeDir,
+    archive_name,
+    parse_relative,
+    parts_overlap,
+)
+from provisioner.reservations import Busy, Reservations
 from provisioner.safefs import NOT_A_DIRECTORY, SYMLINK, Redirected, Syscalls, Tree
 
 _T = TypeVar("_T")
@@ -539,7 +545,7 @@ def _inspect(tree: Tree, rel: RelativeDir, limit: int) -> Inspection:
     operations = tuple(
         operation.describe()
         for operation in journal.read_operations(tree)
-        if any(overlaps(rel.parts, tuple(path.split("/"))) for path in operation.paths())
+        if any(parts_overlap(rel.parts, path.split("/")) for path in operation.paths())
     )
     # Records are read only for levels that exist: one left by a crash before its mkdir is stale.
     above = [

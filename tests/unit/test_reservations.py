@@ -11,7 +11,8 @@ import threading
 
 import pytest
 
-from provisioner.reservations import Busy, Held, Reservations, overlaps
+from provisioner.paths import parts_overlap as overlaps
+from provisioner.reservations import Busy, Held, Reservations
 
 
 def path(value: str) -> tuple[str, ...]:
