@@ -35,7 +35,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Protocol, TypeVar
 
-from provisioner.journal import SCRATCH, mirror_name, writer_prefix
+from provisioner.journal import mirror_name, write_as
 from provisioner.paths import JOURNAL_DIR
 from provisioner.reservations import Busy
 from provisioner.safefs import Tree
@@ -117,15 +117,17 @@ def live(record: LockRecord | None, modified: float, now: float, ttl: float) -> 
 # --- on the export (run inside a storage job) ----------------------------------------------------
 
 
-def _read(tree: Tree, name: str) -> tuple[LockRecord | None, float] | None:
-    """The record and modification time of lock ``name``; None if there is no lock."""
-    info = tree.entry((*LOCKS, name))
-    if info is None:
-        return None
+def _read(tree: Tree, name: str) -> LockRecord | None:
+    """The record in lock ``name``; None if there is no lock or its record is not written yet
+    (``_modified`` tells those apart)."""
     raw = tree.read_file(LOCKS, name)
-    if raw is None:
-        return None
-    return _decode(raw), info.st_mtime
+    return None if raw is None else _decode(raw)
+
+
+def _modified(tree: Tree, name: str) -> float | None:
+    """The modification time of lock ``name``; None if there is no lock."""
+    info = tree.entry((*LOCKS, name))
+    return None if info is None else info.st_mtime
 
 
 def try_create(tree: Tree, record: LockRecord, ttl: float, now: float) -> LockRecord | None:
@@ -134,30 +136,41 @@ def try_create(tree: Tree, record: LockRecord, ttl: float, now: float) -> LockRe
     is broken first; one of this very process (``instance``) that a failed release left is
     taken over."""
     name = lock_name(record.component)
-    os.close(tree.make_dirs(LOCKS)[0])
     for _attempt in range(2):
         try:
             _create(tree, name, _encode(record))
             return None
         except FileExistsError:
             pass
-        found = _read(tree, name)
-        if found is None:
-            continue  # released between the create and the read
-        current, modified = found
+        current = _read(tree, name)
         if current is not None and current.instance == record.instance:
             # Ours, left by a release that failed (an EIO on the unlink): the caller does not
             # hold it (ExportLocks takes each component once), so it is taken over.
             renew(tree, record)
             return None
-        if live(current, modified, now, ttl):
-            return current or LockRecord("", "", "a writer that is writing its lock", "", 0.0)
+        if current is not None and live(current, 0.0, now, ttl):
+            return current
+        if current is None:
+            # Not written yet (or just released): its age decides.
+            modified = _modified(tree, name)
+            if modified is None:
+                continue  # released between the create and the read
+            if live(None, modified, now, ttl):
+                return LockRecord("", "", "a writer that is writing its lock", "", 0.0)
         _break(tree, name, current)
-    holder = _read(tree, name)
-    return (holder[0] if holder else None) or LockRecord("", "", "unknown", record.component, 0.0)
+    return _read(tree, name) or LockRecord("", "", "unknown", record.component, 0.0)
 
 
 def _create(tree: Tree, name: str, data: bytes) -> None:
+    """Exclusive-create the lock file; the locks directory is made only when it is missing."""
+    try:
+        _create_in_locks(tree, name, data)
+    except FileNotFoundError:
+        os.close(tree.make_dirs(LOCKS)[0])
+        _create_in_locks(tree, name, data)
+
+
+def _create_in_locks(tree: Tree, name: str, data: bytes) -> None:
     where = "/".join((*LOCKS, name))
     with tree.opened(LOCKS) as parent:
         fd = tree.calls.open(parent, name, _CREATE, where)
@@ -204,26 +217,18 @@ def renew(tree: Tree, record: LockRecord) -> bool:
     """Rewrite our lock with a later expiry; False if it is no longer ours (it expired and
     another writer broke it)."""
     name = lock_name(record.component)
-    found = _read(tree, name)
-    if found is None or found[0] is None or found[0].instance != record.instance:
+    current = _read(tree, name)
+    if current is None or current.instance != record.instance:
         return False
-    os.close(tree.make_dirs(SCRATCH)[0])
-    tree.write_file(
-        LOCKS,
-        name,
-        _encode(record),
-        replace=True,
-        scratch=SCRATCH,
-        prefix=writer_prefix(record.cluster, record.provisioner),
-    )
+    write_as(tree, LOCKS, name, _encode(record), record.cluster, record.provisioner)
     return True
 
 
 def release(tree: Tree, component: str, instance: str) -> None:
     """Remove our lock of ``component``; another writer's is left alone."""
     name = lock_name(component)
-    found = _read(tree, name)
-    if found is not None and found[0] is not None and found[0].instance == instance:
+    current = _read(tree, name)
+    if current is not None and current.instance == instance:
         tree.remove_file(LOCKS, name)
 
 
@@ -236,10 +241,9 @@ def remove_left_by(tree: Tree, writer: Writer) -> list[str]:
         if name.startswith(_BROKEN_PREFIX):
             tree.remove_file(LOCKS, name)
             continue
-        found = _read(tree, name)
-        if found is None or found[0] is None:
+        record = _read(tree, name)
+        if record is None:
             continue
-        record = found[0]
         if (record.cluster, record.provisioner) == (writer.cluster, writer.provisioner) and (
             record.instance != writer.instance
         ):

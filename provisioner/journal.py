@@ -109,14 +109,28 @@ def _write_record(
     record: Owner | Intent | Operation,
     replace: bool = True,
 ) -> None:
+    write_as(tree, parts, name, _encode(record), record.cluster, record.provisioner, replace)
+
+
+def write_as(
+    tree: Tree,
+    parts: Sequence[str],
+    name: str,
+    data: bytes,
+    cluster: str,
+    provisioner: str,
+    replace: bool = True,
+) -> None:
+    """Write the file ``name`` in ``parts`` atomically, through this writer's temporary file in
+    the scratch directory (so that ``remove_temporaries`` finds it if the writer is killed)."""
     os.close(tree.make_dirs(SCRATCH)[0])
     tree.write_file(
         parts,
         name,
-        _encode(record),
+        data,
         replace=replace,
         scratch=SCRATCH,
-        prefix=writer_prefix(record.cluster, record.provisioner),
+        prefix=writer_prefix(cluster, provisioner),
     )
 
 
