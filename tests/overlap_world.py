@@ -79,6 +79,12 @@ class Cluster:
             await self.reconciler.reconcile_claim(claim.uid)
         return claim.volume_name_for in self.kube.volumes
 
+    async def bound(self, namespace: str, name: str, path: str, export: Path) -> None:
+        """A claim provisioned at once, and its workload's mark written into it."""
+        self.add_claim(namespace, name, path)
+        assert await self.provision(name)
+        self.moved_in(name, export)
+
     async def release(self, name: str) -> bool:
         """One reconcile of the claim's Released PV; True once the PV is gone."""
         volume = self.claims[name].volume_name_for

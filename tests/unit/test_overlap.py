@@ -137,9 +137,7 @@ def test_a_claim_for_the_archive_name_racing_the_archive(
     cluster.add_class(onDelete="archive")
 
     async def scenario() -> None:
-        cluster.add_claim("team-a", "app", "x/app")
-        assert await cluster.provision("app")
-        cluster.moved_in("app", export)
+        await cluster.bound("team-a", "app", "x/app", export)
         cluster.add_claim("team-b", "b", path)
         # team-b's claim is inspected, then held before its directory is made, while team-a's
         # volume is archived to the very name it chose.
@@ -167,9 +165,7 @@ def test_an_archive_that_failed_halfway_keeps_its_names_from_claims(
     cluster.add_class(onDelete="archive")
 
     async def scenario() -> None:
-        cluster.add_claim("team-a", "app", "x/app")
-        assert await cluster.provision("app")
-        cluster.moved_in("app", export)
+        await cluster.bound("team-a", "app", "x/app", export)
         pause.fail = ("rename", "x/app")
         assert not await cluster.release("app"), "the EIO fails this attempt"
         cluster.add_claim("team-b", "b", "x/archived-app")
@@ -254,9 +250,7 @@ def test_records_hidden_past_the_scan_limit_make_the_claim_refused(
         )
 
     async def scenario() -> None:
-        cluster.add_claim("team-b", "b", "team-a/p/zzz")
-        assert await cluster.provision("b")
-        cluster.moved_in("b", export)
+        await cluster.bound("team-b", "b", "team-a/p/zzz", export)
         assert await cluster.release("b")  # archived as team-a/p/archived-zzz
         cluster.add_claim("team-a", "a", "team-a/p")
         assert not await cluster.provision("a")
