@@ -586,9 +586,12 @@ def _create(tree: Tree, rel: RelativeDir, mode: DirOwner, owner: Owner, intent: 
     # Only the leaf is recorded: parents stay shareable between namespaces (a team's directory),
     # and ownership.decide refuses both a directory inside another namespace's leaf and the
     # reuse of one that holds another namespace's leaf.
-    if journal.read_owner(tree, rel.parts) is not None:
-        # A record without its directory is stale: a crash (or a failed mkdir) before it.
-        journal.remove_owner(tree, rel.parts)
+    for depth in range(existing + 1, len(rel.parts) + 1):
+        # A record of a level that does not exist is stale: a crash (or a failed mkdir) came
+        # between it and its directory. Removed before the mkdir, or a parent made now for
+        # this claim would bring another tenant's record back to life around it.
+        if journal.read_owner(tree, rel.parts[:depth]) is not None:
+            journal.remove_owner(tree, rel.parts[:depth])
     if not journal.create_owner(tree, rel.parts, owner):
         # Someone else (another cluster sharing the export) is creating it right now: their
         # record stays, and the next attempt decides again.

@@ -254,6 +254,29 @@ def test_create_dir_syncs_its_records_before_the_first_mkdir(
     assert records(mount) == ["intents/pvc-1.json", f"owners/dteam-a/dapp/{RECORD}"]
 
 
+def test_a_stale_record_of_a_parent_made_now_is_dropped_first(
+    storage: Storage, mount: Path, rules: Path
+) -> None:
+    """team-b's claim on "x" wrote its record, then its mkdir failed; team-a's claim on
+    "x/app" then makes "x" as a parent. The stale record must not come back to life around
+    team-a's directory (found by tests/unit/test_interleavings.py)."""
+    write_fault_rules(rules, [FaultRule(op="mkdir", match="^x$")])
+    with pytest.raises(StorageError):
+        run(provision(storage, parse_relative("x"), DirOwner(), OTHER))
+    assert records(mount) == ["intents/pvc-2.json", f"owners/dx/{RECORD}"]
+    write_fault_rules(rules, [])
+    run(provision(storage, parse_relative("x/app"), DirOwner(), OWNER))
+    assert tree_of(mount) == ["x", "x/app"]
+    assert records(mount) == [
+        "intents/pvc-1.json",
+        "intents/pvc-2.json",
+        f"owners/dx/dapp/{RECORD}",
+    ]
+    found = run(storage.inspect(parse_relative("x")))
+    assert found.leaf_owner is None
+    assert [(path, owner.namespace) for path, owner in found.owners_below] == [("x/app", "team-a")]
+
+
 def test_create_dir_refuses_a_directory_that_appeared_and_changes_nothing(
     storage: Storage, mount: Path
 ) -> None:
