@@ -2,7 +2,7 @@
 # (manifests/deployment.yaml uses that name as a placeholder). Two stages: the first builds
 # wheels of the package and of every dependency; the second installs them from those wheels
 # alone (no network, no compiler, no source tree in the final image) and runs `nfs-provisioner`
-# as a non-root user.
+# (as root, like the image it replaces; see USER below).
 #
 # BuildKit is required (`RUN --mount`): it is the default from Docker 23; on Docker 20.10 set
 # DOCKER_BUILDKIT=1. There is deliberately no `# syntax=docker/dockerfile:1` line: it makes
@@ -46,12 +46,13 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     pip install --no-index --find-links=/wheels nfs-provisioner \
     && nfs-provisioner --version
-# Non-root by default, numerically so that `runAsNonRoot: true` can verify it. 65534 is "nobody":
-# the uid a root_squash NFS server maps root to, so the provisioner owns what it creates exactly
-# as the old root-running nfs-client-provisioner did on such exports. For a no_root_squash export
-# owned by root (or to use the StorageClass uid parameter), override it: `docker run --user 0`,
-# or in Kubernetes `runAsUser: 0` / `runAsNonRoot: false` (see manifests/deployment.yaml).
-USER 65534:65534
+# Root by default, as nfs-subdir's image: its own deploy/deployment.yaml sets no securityContext,
+# and the export it mounts is usually root-owned 0755 with no_root_squash, where only root can
+# create a directory. So our image works in that Deployment with only `image:` changed. The
+# Deployment we ship (manifests/deployment.yaml) sets its own securityContext: root with only
+# CHOWN, DAC_OVERRIDE and FOWNER, no privilege escalation, read-only root filesystem; its
+# comments give the non-root variant (runAsUser: 65534) for clusters that forbid uid 0.
+USER 0:0
 EXPOSE 8080
 ENTRYPOINT ["nfs-provisioner"]
 CMD ["run"]

@@ -55,7 +55,7 @@ DEBOOTSTRAP = "debootstrap"
 
 BASE_TAG = "local/python:3.11-slim-bookworm"
 PROJECT_TAG = "nfs-provisioner:e2e"
-EXPECTED_USER = "65534:65534"  # the Dockerfile's USER
+EXPECTED_USER = "0:0"  # the Dockerfile's USER
 
 SUITE = "bookworm"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"

@@ -13,11 +13,13 @@ import secrets
 import signal
 import socket
 import threading
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import kopf
 
-from provisioner import core, handlers
+from provisioner import core, handlers, permissions
 from provisioner.cache import Cache
 from provisioner.config import Settings
 from provisioner.fence import Fence
@@ -31,6 +33,8 @@ from provisioner.storage import Storage
 from provisioner.sweep import sweep
 
 logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 EVENT_FLUSH = 2.0
 """Seconds a stopping process gives its queued Events to be posted."""
@@ -121,22 +125,43 @@ class Provisioner:
             ref, "Normal", "LeaderElection", message, self.reconciler.identity.component
         )
 
-    async def _cluster_uid(self) -> str:
-        """kube-system's uid (journal.py records it), asked until the API answers."""
+    async def _asked(self, what: str, ask: Callable[[], Awaitable[_T]]) -> _T:
+        """``ask()``, asked again with backoff until the API answers."""
         delay = self.settings.backoff_base
         while True:
             try:
-                return await self.kube.cluster_uid()
+                return await ask()
             except ApiError as error:
-                logger.warning("cannot read the cluster's identity yet: %s; retrying", error)
+                logger.warning("cannot read %s yet: %s; retrying", what, error)
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.settings.backoff_max)
+
+    async def _learn_grants(self) -> None:
+        """The cluster's identity and whether PVs may be patched, each a wanted permission
+        (permissions.py): without it a feature steps down, said once here."""
+        cluster = await self._asked("the cluster's identity", self.kube.cluster_identity)
+        if cluster.from_ca:
+            logger.warning(
+                "%s", permissions.degraded_line(permissions.READ_CLUSTER_UID).replace("\n", " ")
+            )
+        patch = permissions.PATCH_VOLUMES.permission
+        may_patch = await self._asked(
+            "whether PersistentVolumes may be patched",
+            lambda: self.kube.can_i(patch.verb, patch.resource, patch.group),
+        )
+        if not may_patch:
+            logger.warning(
+                "%s", permissions.degraded_line(permissions.PATCH_VOLUMES).replace("\n", " ")
+            )
+        logger.info("cluster identity on the export: %s", cluster.describe())
+        self.reconciler.cluster = cluster.primary
+        self.reconciler.patch_volumes = may_patch
+        self.storage.set_writer(cluster.primary, self.settings.provisioner_name, cluster.aliases)
 
     async def _lead(self) -> None:
         """What only the leader does: reconcile, from watch events and the periodic resync."""
         # Before any worker runs, so no provisioning of ours races the sweep (see sweep.py).
-        self.reconciler.cluster = await self._cluster_uid()
-        self.storage.set_writer(self.reconciler.cluster, self.settings.provisioner_name)
+        await self._learn_grants()
         await sweep(
             self.storage,
             self.kube,

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
@@ -240,6 +240,26 @@ def _annotation(annotations: Mapping[str, Any], key: str) -> str | None:
     return None if value is None else str(value)
 
 
+_RECORDED_FIELDS = {
+    ANN_DIRECTORY: "directory",
+    ANN_EXPORT_PATH: "export_path",
+    ANN_ON_DELETE: "on_delete",
+    ANN_ADOPTED: "adopted",
+    ANN_ON_DELETE_BASIS: "on_delete_basis",
+    ANN_NOT_ADOPTED: "not_adopted",
+}
+"""Our annotations on a PV, and the ``Volume`` field each one is read into."""
+
+
+def with_annotations(volume: Volume, annotations: Mapping[str, str]) -> Volume:
+    """``volume`` as ``volume_from`` would read it with these annotations of ours added: what
+    a patch would have recorded, kept in memory when PVs may not be patched."""
+    return replace(
+        volume,
+        **{_RECORDED_FIELDS[key]: value for key, value in annotations.items()},  # type: ignore[arg-type]
+    )
+
+
 def volume_from(body: Body) -> Volume:
     meta = _mapping(body.get("metadata"))
     spec = _mapping(body.get("spec"))
@@ -361,9 +381,11 @@ def build_volume(
     on_delete: OnDelete,
     export: Export,
     provisioner_name: str,
+    finalizer: bool = True,
 ) -> dict[str, Any]:
-    """SPEC §5: the PV body, including what delete will need, recorded on the PV itself."""
-    finalizers = [FINALIZER] if storage_class.reclaim_policy == "Delete" else []
+    """SPEC §5: the PV body, including what delete will need, recorded on the PV itself.
+    ``finalizer`` False: none, since it could never be removed (no ``patch`` granted)."""
+    finalizers = [FINALIZER] if finalizer and storage_class.reclaim_policy == "Delete" else []
     spec: dict[str, Any] = {
         "capacity": {"storage": claim.storage_request or "0"},
         "accessModes": list(claim.access_modes) or ["ReadWriteOnce"],

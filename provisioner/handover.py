@@ -47,7 +47,7 @@ async def run(settings: Settings, request: Handover, calls: Syscalls) -> tuple[i
     except Exception as error:  # noqa: BLE001 - any config failure is reported, not raised
         return 1, f"handover: no Kubernetes configuration: {error}"
     try:
-        cluster = await kube.cluster_uid()
+        cluster = await kube.cluster_identity()
         volumes = await kube.list_volumes()
     except ApiError as error:
         return 1, f"handover: cannot read the cluster's identity or its PersistentVolumes: {error}"
@@ -63,9 +63,9 @@ async def run(settings: Settings, request: Handover, calls: Syscalls) -> tuple[i
         )
     storage = Storage(Path(settings.mount_path), calls, timeout=settings.fs_timeout)
     # Its own writer name: the provisioner's sweep removes only its own instances' locks.
-    storage.set_writer(cluster, f"{settings.provisioner_name} (handover)")
+    storage.set_writer(cluster.primary, f"{settings.provisioner_name} (handover)", cluster.aliases)
     owner = Owner(
-        cluster=cluster,
+        cluster=cluster.primary,
         namespace=request.namespace,
         provisioner=settings.provisioner_name,
         since=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),

@@ -19,13 +19,14 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote, urlencode
 
 import kubernetes.client
 import kubernetes.config
 
-from provisioner import core, events
+from provisioner import core, events, identity
 from provisioner.fence import Fence, Fenced
 
 logger = logging.getLogger(__name__)
@@ -581,6 +582,31 @@ class KubeApi:
         records on an export shared by two clusters are told apart."""
         body = await self.request("GET", "/api/v1/namespaces/kube-system")
         return str((body.get("metadata") or {}).get("uid", ""))
+
+    def ca_bundle(self) -> bytes | None:
+        """The cluster CA certificates this client trusts (the pod's mounted ``ca.crt``, or
+        the kubeconfig's), None when the configuration names none or it cannot be read."""
+        path = self._client.configuration.ssl_ca_cert
+        if not path:
+            return None
+        try:
+            return Path(path).read_bytes()
+        except OSError:
+            return None
+
+    async def cluster_identity(self) -> identity.ClusterIdentity:
+        """kube-system's uid when this ServiceAccount may read it, else the CA certificate's
+        fingerprint (identity.py); Forbidden when neither can be had."""
+        bundle = self.ca_bundle()
+        try:
+            return identity.from_uid(await self.cluster_uid(), bundle)
+        except Forbidden as error:
+            if not bundle:
+                raise
+            try:
+                return identity.from_ca(bundle)
+            except identity.NoCertificate:
+                raise error from None
 
     async def server_version(self) -> str:
         return str((await self.request("GET", "/version")).get("gitVersion", "unknown"))

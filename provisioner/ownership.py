@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import enum
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from provisioner.journal import Owner
 from provisioner.paths import RelativeDir
@@ -48,6 +48,20 @@ class Inspection:
     @property
     def exists(self) -> bool:
         return self.existing == self.depth
+
+    def seen_by(self, aliases: frozenset[str], cluster: str) -> Inspection:
+        """The same findings, with records of any of ``aliases`` read as ``cluster``'s: the
+        names this cluster wrote under before (identity.py)."""
+
+        def own(owner: Owner) -> Owner:
+            return replace(owner, cluster=cluster) if owner.cluster in aliases else owner
+
+        return replace(
+            self,
+            leaf_owner=None if self.leaf_owner is None else own(self.leaf_owner),
+            owners_above=tuple((path, own(owner)) for path, owner in self.owners_above),
+            owners_below=tuple((path, own(owner)) for path, owner in self.owners_below),
+        )
 
 
 class Plan(enum.Enum):

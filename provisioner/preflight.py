@@ -2,81 +2,34 @@
 
 Runs before the operator starts (a failure stops the process with the reason) and alone as
 ``check`` (exit 0/1). Missing permissions are printed as rules ready to paste into a ClusterRole
-or Role. The list of permissions here is the contract with ``rbac/``: one line per API call kind.
+or Role; a missing *wanted* permission (permissions.py) is no failure: it is reported as
+``degraded``, with what changes and the rule that turns the feature on.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from provisioner.config import LockKind, Settings
+from provisioner.config import Settings
 from provisioner.kube import ApiError, KubeApi, load_api_client
+from provisioner.permissions import (
+    WANTED,
+    Permission,
+    degraded_line,
+    needed_permissions,
+    render_rules,
+)
 from provisioner.safefs import LocalSyscalls, Syscalls
 from provisioner.storage import Storage, StorageError
-
-
-@dataclass(frozen=True)
-class Permission:
-    group: str
-    resource: str
-    verb: str
-    namespaced: bool = False  # True: only in the provisioner's own namespace (a Role)
-    name: str | None = None  # only this object (resourceNames)
-
-
-def required_permissions(settings: Settings) -> list[Permission]:
-    """Exactly the calls the provisioner makes (watches included)."""
-    needed = [
-        *(Permission("", "persistentvolumeclaims", v) for v in ("get", "list", "watch")),
-        *(
-            Permission("", "persistentvolumes", v)
-            for v in ("get", "list", "watch", "create", "delete", "patch")
-        ),
-        *(Permission("storage.k8s.io", "storageclasses", v) for v in ("list", "watch")),
-        # Events are created, and repeats patched (count, lastTimestamp) as client-go does.
-        *(Permission("", "events", v) for v in ("create", "patch")),
-        # The cluster's identity in the export's records (journal.py): kube-system's uid.
-        Permission("", "namespaces", "get", name="kube-system"),
-    ]
-    if settings.leader_election:
-        resources: list[tuple[str, str]] = []
-        if settings.lock_kind in (LockKind.ENDPOINTS, LockKind.ENDPOINTS_LEASES):
-            resources.append(("", "endpoints"))
-        if settings.lock_kind in (LockKind.LEASES, LockKind.ENDPOINTS_LEASES):
-            resources.append(("coordination.k8s.io", "leases"))
-        for group, resource in resources:
-            needed += [
-                Permission(group, resource, v, namespaced=True) for v in ("get", "create", "update")
-            ]
-    return needed
-
-
-def render_rules(missing: Iterable[Permission]) -> str:
-    """Missing permissions as RBAC rules, grouped by API group and resource."""
-    grouped: dict[tuple[str, str, bool, str | None], list[str]] = {}
-    for permission in missing:
-        key = (permission.group, permission.resource, permission.namespaced, permission.name)
-        grouped.setdefault(key, []).append(permission.verb)
-    lines: list[str] = []
-    for (group, resource, namespaced, name), verbs in grouped.items():
-        where = "Role in the provisioner's namespace" if namespaced else "ClusterRole"
-        lines += [
-            f"  # {where}",
-            f'  - apiGroups: ["{group}"]',
-            f'    resources: ["{resource}"]',
-            *([f'    resourceNames: ["{name}"]'] if name else []),
-            "    verbs: [" + ", ".join(f'"{v}"' for v in verbs) + "]",
-        ]
-    return "\n".join(lines)
 
 
 @dataclass
 class Report:
     problems: list[str] = field(default_factory=list)
     passed: list[str] = field(default_factory=list)
+    degraded: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -84,6 +37,7 @@ class Report:
 
     def render(self) -> str:
         lines = [f"preflight: ok: {item}" for item in self.passed]
+        lines += [f"preflight: degraded: {item}" for item in self.degraded]
         lines += [f"preflight: FAILED: {item}" for item in self.problems]
         return "\n".join(lines)
 
@@ -104,18 +58,12 @@ async def check_api(settings: Settings, kube: KubeApi, report: Report) -> None:
         report.problems.append(f"Kubernetes API unreachable: {error}")
         return
     report.passed.append(f"Kubernetes API reachable (server {version})")
-    missing: list[Permission] = []
-    for permission in required_permissions(settings):
-        namespace = settings.namespace if permission.namespaced else None
-        try:
-            allowed = await kube.can_i(
-                permission.verb, permission.resource, permission.group, namespace, permission.name
-            )
-        except ApiError as error:
-            report.problems.append(f"SelfSubjectAccessReview failed: {error}")
-            return
-        if not allowed:
-            missing.append(permission)
+    try:
+        missing = await _missing(settings, kube, needed_permissions(settings))
+        missing_wanted = await _missing(settings, kube, [grant.permission for grant in WANTED])
+    except ApiError as error:
+        report.problems.append(f"SelfSubjectAccessReview failed: {error}")
+        return
     if missing:
         report.problems.append(
             "missing RBAC permissions; add these rules to the provisioner's role:\n"
@@ -123,6 +71,23 @@ async def check_api(settings: Settings, kube: KubeApi, report: Report) -> None:
         )
     else:
         report.passed.append("every RBAC permission the provisioner needs is granted")
+    report.degraded += [
+        degraded_line(grant) for grant in WANTED if grant.permission in missing_wanted
+    ]
+
+
+async def _missing(
+    settings: Settings, kube: KubeApi, permissions: list[Permission]
+) -> list[Permission]:
+    missing: list[Permission] = []
+    for permission in permissions:
+        namespace = settings.namespace if permission.namespaced else None
+        allowed = await kube.can_i(
+            permission.verb, permission.resource, permission.group, namespace, permission.name
+        )
+        if not allowed:
+            missing.append(permission)
+    return missing
 
 
 async def run(settings: Settings, calls: Syscalls | None = None) -> Report:

@@ -13,6 +13,7 @@ import datetime as dt
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from provisioner import adoption, core, ownership, paths
 from provisioner.api import KubeApi
@@ -90,7 +91,14 @@ class Reconciler:
         self.identity = identity
         self.export = core.Export(settings.nfs_server, settings.nfs_path)
         self.cluster = ""
-        """kube-system's uid, set by app before the first reconcile; recorded on the export."""
+        """The cluster's identity (identity.py), set by app before the first reconcile; recorded
+        on the export."""
+        self.patch_volumes = True
+        """Whether PVs may be patched (permissions.PATCH_VOLUMES), set by app with ``cluster``.
+        Without: no finalizer on new PVs, and what adoption records stays in ``_unrecorded``."""
+        # PV uid -> (its name, our annotations a patch would have written: adoption, its
+        # policy, a refusal) when PVs may not be patched: this process's memory of them.
+        self._unrecorded: dict[str, tuple[str, dict[str, str]]] = {}
         self.queue = WorkQueue(
             self.reconcile,
             workers=settings.workers,
@@ -160,6 +168,8 @@ class Reconciler:
 
     def forget_volume(self, name: str) -> None:
         self._released.discard(name)
+        for uid in [uid for uid, (pv, _) in self._unrecorded.items() if pv == name]:
+            del self._unrecorded[uid]
         self.queue.forget(f"{VOLUME}:{name}")
         # A refused claim may have been waiting for this volume's directory: try it again now
         # rather than at the next resync.
@@ -353,6 +363,7 @@ class Reconciler:
             parameters.on_delete,
             self.export,
             self.settings.provisioner_name,
+            finalizer=self.patch_volumes,
         )
         try:
             saved = await self._save_volume(claim, body)
@@ -445,6 +456,8 @@ class Reconciler:
         volume = self.cache.volume(name)
         if volume is None or name in self._released:
             return
+        if volume.uid in self._unrecorded:
+            volume = core.with_annotations(volume, self._unrecorded[volume.uid][1])
         standing = adoption.standing(volume, self.settings.provisioner_name)
         if standing is adoption.Standing.NOT_ADOPTED:
             logger.debug("volume %s: ignored: not adopted: %s", name, volume.not_adopted)
@@ -564,11 +577,14 @@ class Reconciler:
         except (StorageError, Busy) as error:
             raise RetryLater(f"volume {volume.name}: cannot adopt it yet: {error}") from error
         patch = adoption.adoption_patch(volume, located, self.export, _now())
-        saved = await self._patch_volume(volume, patch)
-        if saved is None:
-            return None
-        adopted = core.volume_from(saved)
-        self.cache.put_volume(adopted)
+        if not self.patch_volumes:
+            adopted = self._keep_unrecorded(volume, patch)
+        else:
+            saved = await self._patch_volume(volume, patch)
+            if saved is None:
+                return None
+            adopted = core.volume_from(saved)
+            self.cache.put_volume(adopted)
         logger.info("volume %s: adopted with directory %s", volume.name, directory)
         self._event(
             volume_ref(adopted),
@@ -579,11 +595,16 @@ class Reconciler:
         return adopted
 
     async def _refuse_adoption(self, volume: core.Volume, refusal: adoption.Refusal) -> None:
-        """Once: the annotation makes the refusal visible and stops every later attempt."""
-        saved = await self._patch_volume(volume, adoption.refusal_patch(volume, refusal))
-        if saved is None:
-            return
-        self.cache.put_volume(core.volume_from(saved))
+        """Once: the annotation makes the refusal visible and stops every later attempt (in
+        memory, once per process, when PVs may not be patched)."""
+        patch = adoption.refusal_patch(volume, refusal)
+        if not self.patch_volumes:
+            self._keep_unrecorded(volume, patch)
+        else:
+            saved = await self._patch_volume(volume, patch)
+            if saved is None:
+                return
+            self.cache.put_volume(core.volume_from(saved))
         logger.warning("volume %s: not adopted: %s", volume.name, refusal.reason)
         self._event(
             volume_ref(volume),
@@ -602,6 +623,12 @@ class Reconciler:
             policy = adoption.legacy_policy(
                 volume.storage_class, self.cache.storage_class(volume.storage_class)
             )
+            if not self.patch_volumes:
+                recorded = self._keep_unrecorded(volume, adoption.policy_patch(volume, policy))
+                logger.info(
+                    "volume %s: on-delete %s: %s", volume.name, policy.on_delete, policy.basis
+                )
+                return recorded
             try:
                 saved = await self.kube.patch_volume(
                     volume.name, adoption.policy_patch(volume, policy)
@@ -625,6 +652,13 @@ class Reconciler:
             logger.info("volume %s: on-delete %s: %s", volume.name, policy.on_delete, policy.basis)
             return recorded
         raise RetryLater(f"volume {volume.name}: gone or changing while recording its policy")
+
+    def _keep_unrecorded(self, volume: core.Volume, patch: dict[str, Any]) -> core.Volume:
+        """Remember the annotations ``patch`` would have written on ``volume`` (PVs may not be
+        patched), and return the volume as it would then read."""
+        annotations: dict[str, str] = patch["metadata"]["annotations"]
+        self._unrecorded.setdefault(volume.uid, (volume.name, {}))[1].update(annotations)
+        return core.with_annotations(volume, annotations)
 
     async def _patch_volume(
         self, volume: core.Volume, patch: dict[str, object]

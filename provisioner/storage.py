@@ -240,6 +240,7 @@ class Storage:
         self._pool = _DaemonThreadPool(max_threads, "storage")
         self.scan_limit = scan_limit
         self.reservations = Reservations()
+        self.aliases: frozenset[str] = frozenset()
         self.locks = ExportLocks(
             lambda op, job: self._run(op, None, job), writer or Writer(), lock_ttl
         )
@@ -248,9 +249,14 @@ class Storage:
     def writer(self) -> Writer:
         return self.locks.writer
 
-    def set_writer(self, cluster: str, provisioner: str) -> None:
-        """Name this process on the export (its locks and records) once the cluster is known."""
+    def set_writer(
+        self, cluster: str, provisioner: str, aliases: frozenset[str] = frozenset()
+    ) -> None:
+        """Name this process on the export (its locks and records) once the cluster is known.
+        Records of any of ``aliases`` (earlier names of this cluster, identity.py) are read as
+        ``cluster``'s."""
         self.locks.writer = replace(self.locks.writer, cluster=cluster, provisioner=provisioner)
+        self.aliases = aliases - {cluster}
 
     @contextlib.asynccontextmanager
     async def reserve(self, holder: str, *dirs: RelativeDir) -> AsyncIterator[None]:
@@ -286,7 +292,8 @@ class Storage:
         Redirected if a component is a symlink (or not a plain directory of the export).
         """
         limit = self.scan_limit
-        return await self._run("inspect", rel, lambda tree: _inspect(tree, rel, limit))
+        found = await self._run("inspect", rel, lambda tree: _inspect(tree, rel, limit))
+        return found.seen_by(self.aliases, self.writer.cluster) if self.aliases else found
 
     async def create_dir(
         self, rel: RelativeDir, mode: DirOwner, owner: Owner, intent: Intent
@@ -323,7 +330,14 @@ class Storage:
             )
 
     async def read_intents(self) -> tuple[list[Intent], list[str]]:
-        return await self._run("read_intents", None, journal.read_intents)
+        """Every intent on the export (an alias of this cluster read as its own name), and the
+        names of the files that could not be parsed."""
+        intents, unreadable = await self._run("read_intents", None, journal.read_intents)
+        cluster = self.writer.cluster
+        return [
+            replace(intent, cluster=cluster) if intent.cluster in self.aliases else intent
+            for intent in intents
+        ], unreadable
 
     async def remove_temporaries(self, cluster: str, provisioner: str) -> list[str]:
         """Remove the half-written record files this cluster's provisioner left when it was

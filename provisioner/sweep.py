@@ -38,25 +38,31 @@ async def sweep(
         return []
 
 
+async def _remove_leftovers(storage: Storage, cluster: str, provisioner: str) -> None:
+    """No write of ours is in flight yet: any lock or temporary file of ours that an earlier
+    instance of this cluster's provisioner left (under any name of this cluster) is a dead one."""
+    locks = await storage.remove_locks_left()
+    if locks:
+        logger.info(
+            "export locks: dropped %d lock(s) an earlier run of ours left when killed: %s",
+            len(locks),
+            ", ".join(sorted(locks)),
+        )
+    leftovers: list[str] = []
+    for name in sorted({cluster} | storage.aliases):
+        leftovers += await storage.remove_temporaries(name, provisioner)
+    if leftovers:
+        logger.info(
+            "orphan sweep: removed %d half-written record file(s) of an earlier run",
+            len(leftovers),
+        )
+
+
 async def _sweep(
     storage: Storage, kube: KubeApi, export: core.Export, cluster: str, provisioner: str
 ) -> list[str]:
     try:
-        # No write of ours is in flight yet: any lock or temporary file of ours that an earlier
-        # instance of this cluster's provisioner left is a dead one.
-        locks = await storage.remove_locks_left()
-        if locks:
-            logger.info(
-                "export locks: dropped %d lock(s) an earlier run of ours left when killed: %s",
-                len(locks),
-                ", ".join(sorted(locks)),
-            )
-        leftovers = await storage.remove_temporaries(cluster, provisioner)
-        if leftovers:
-            logger.info(
-                "orphan sweep: removed %d half-written record file(s) of an earlier run",
-                len(leftovers),
-            )
+        await _remove_leftovers(storage, cluster, provisioner)
         # Intents first, then claims and PVs: an intent seen here whose claim is alive was
         # written after that claim existed, so the later list includes it.
         intents, unreadable = await storage.read_intents()

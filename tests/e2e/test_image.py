@@ -4,10 +4,10 @@ What it proves: ``controlplane.images`` turns the Dockerfile into ``nfs-provisio
 machine that reaches PyPI and the Debian mirror but no container registry (a debootstrapped
 base, a private dockerd, BuildKit), the image runs ``nfs-provisioner --version`` with the
 package's version in a container with no network, its default user is the Dockerfile's
-non-root 65534:65534, ``docker save`` wrote an archive ``ctr images import`` can read, and
-afterwards the host is as it was: no dockerd of ours, no docker0, the same iptables and ip6tables
-rules, the same ``ip_forward``, no new cgroup, nothing of dockerd's left in ``/etc/docker`` or
-``/run`` (``docker``, ``containerd``, ``runc``).
+root 0:0 (as nfs-subdir's image), ``docker save`` wrote an archive ``ctr images import`` can
+read, and afterwards the host is as it was: no dockerd of ours, no docker0, the same iptables
+and ip6tables rules, the same ``ip_forward``, no new cgroup, nothing of dockerd's left in
+``/etc/docker`` or ``/run`` (``docker``, ``containerd``, ``runc``).
 
 Runs as root under ``make e2e`` only (``-m e2e``); not as root it fails with the reason, never
 skips. One build (about 75 s cold, 25 s with the base tarball cached) serves the first four

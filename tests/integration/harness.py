@@ -319,3 +319,29 @@ class ProvisionerProcess:
                 self.process.kill()
                 self.process.wait(timeout=30)
         return self.process.returncode
+
+
+def check_env(kubeconfig: Path, mount: Path, **extra: str) -> dict[str, str]:
+    """The environment of `nfs-provisioner check` for a ServiceAccount and a mount path."""
+    return {
+        "KUBECONFIG": str(kubeconfig),
+        "PROVISIONER_NAME": "a.io/b",
+        "NFS_SERVER": "nas",
+        "NFS_PATH": "/exports",
+        "NFS_MOUNT_PATH": str(mount),
+        "POD_NAMESPACE": "nfs-provisioner",
+        **extra,
+    }
+
+
+def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("NFS_", "PROVISIONER_"))}
+    return subprocess.run(
+        [sys.executable, "-m", entry_module(env), *args],
+        cwd=REPO,
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )

@@ -6,9 +6,6 @@ exactly as it was (a snapshot of every path in it) and that no PersistentVolume 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +19,10 @@ from tests.integration.harness import (
     REPO,
     Kube,
     ProvisionerProcess,
+    check_env,
     claim,
     entries,
-    entry_module,
+    run_cli,
     snapshot_for,
     unique,
     wait_for,
@@ -228,32 +226,6 @@ def test_failing_filesystem_call_names_the_cause_and_a_hint(
 # --- process configuration and preflight ------------------------------------------------------
 
 
-def check_env(kubeconfig: Path, mount: Path, **extra: str) -> dict[str, str]:
-    """The environment of `nfs-provisioner check` for a ServiceAccount and a mount path."""
-    return {
-        "KUBECONFIG": str(kubeconfig),
-        "PROVISIONER_NAME": "a.io/b",
-        "NFS_SERVER": "nas",
-        "NFS_PATH": "/exports",
-        "NFS_MOUNT_PATH": str(mount),
-        "POD_NAMESPACE": "nfs-provisioner",
-        **extra,
-    }
-
-
-def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("NFS_", "PROVISIONER_"))}
-    return subprocess.run(
-        [sys.executable, "-m", entry_module(env), *args],
-        cwd=REPO,
-        env={**clean, **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-
-
 @pytest.mark.parametrize(
     ("env", "line"),
     [
@@ -312,11 +284,11 @@ def test_check_reports_an_unwritable_mount(sa_kubeconfig: Path, tmp_path: Path) 
 def test_check_lists_a_missing_rbac_rule_ready_to_paste(
     admin: Kube, control_plane: Any, tmp_path: Path
 ) -> None:
-    """A ServiceAccount whose ClusterRole lacks `persistentvolumes patch`: exactly that rule."""
+    """A ServiceAccount whose ClusterRole lacks `persistentvolumes create`: exactly that rule."""
     name = unique("partial")
     rules = (REPO / "rbac" / "clusterrole.yaml").read_text()
     assert '"create", "delete", "patch"]' in rules
-    partial = rules.replace('"create", "delete", "patch"]', '"create", "delete"]')
+    partial = rules.replace('"create", "delete", "patch"]', '"delete", "patch"]')
     partial = partial.replace("nfs-provisioner-runner", name).replace("run-nfs-provisioner", name)
     partial = partial.replace("name: nfs-provisioner\n", f"name: {name}\n")
     admin.run("create", "serviceaccount", name, "-n", "nfs-provisioner")
@@ -333,10 +305,12 @@ def test_check_lists_a_missing_rbac_rule_ready_to_paste(
         )
         assert result.returncode == 1, result.stdout
         expected = (
+            "preflight: FAILED: missing RBAC permissions; add these rules to the provisioner's "
+            "role:\n"
             "  # ClusterRole\n"
             '  - apiGroups: [""]\n'
             '    resources: ["persistentvolumes"]\n'
-            '    verbs: ["patch"]'
+            '    verbs: ["create"]'
         )
         assert expected in result.stdout
         assert result.stdout.count("apiGroups") == 1

@@ -297,16 +297,18 @@ def test_deployment_runs_as_root_with_only_the_capabilities_it_needs() -> None:
     assert resources["limits"] == {"memory": "256Mi"}
 
 
-def test_image_defaults_to_a_numeric_non_root_user() -> None:
-    """`docker run` of the image is non-root; the Deployment chooses root explicitly, and its
-    comments give the non-root variant with the image's uid."""
+def test_image_defaults_to_root_and_the_deployment_chooses_its_own_user() -> None:
+    """`docker run` of the image is root, as nfs-subdir's image, so it works in nfs-subdir's own
+    Deployment (no securityContext) on a root-owned no_root_squash export; our Deployment sets
+    its user explicitly, and its comments give the non-root variant."""
     dockerfile = (REPO / "Dockerfile").read_text(encoding="utf-8")
     user = re.search(r"^USER (\d+):(\d+)$", dockerfile, re.MULTILINE)
-    assert user is not None, "the Dockerfile must run as a numeric non-root user"
-    uid, gid = user.groups()
-    assert uid != "0"
+    assert user is not None, "the Dockerfile must name its user numerically"
+    assert user.groups() == ("0", "0")
+    pod = deployment()["spec"]["template"]["spec"]["securityContext"]
+    assert (pod["runAsUser"], pod["runAsGroup"], pod["runAsNonRoot"]) == (0, 0, False)
     text = (REPO / "manifests" / "deployment.yaml").read_text(encoding="utf-8")
-    assert f"runAsNonRoot: true, runAsUser: {uid}, runAsGroup: {gid}" in text
+    assert "runAsNonRoot: true, runAsUser: 65534, runAsGroup: 65534" in text
     assert '\nENTRYPOINT ["nfs-provisioner"]\n' in dockerfile
 
 

@@ -9,16 +9,14 @@ rare paths, each with the code that needs it).
 
 ``test_each_rule_is_needed_and_check_names_it`` applies a copy of rbac/ under fresh names with
 one verb taken out, mints a token for that ServiceAccount and runs `check` (with the
-`endpointsleases` lock, so both lock rules are needed): `check` names exactly that rule.
+`endpointsleases` lock, so both lock rules are needed): `check` names exactly that rule, as a
+failure, or for the two wanted permissions (permissions.WANTED) as a degraded feature, exit 0.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,12 +26,15 @@ import pytest
 import yaml
 
 from controlplane.runner import ControlPlane, resolve_binaries
+from provisioner.permissions import WANTED
 from tests.faults import FAULTS_ENV, FaultRule, write_fault_rules
 from tests.integration.harness import (
     REPO,
     Kube,
     ProvisionerProcess,
+    check_env,
     claim,
+    run_cli,
     storage_class,
     unique,
     wait_for,
@@ -102,28 +103,26 @@ def test_each_rule_is_needed_and_check_names_it(
         )
         export = tmp_path / "export"
         export.mkdir()
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("NFS_", "PROVISIONER"))}
-        env.update(
-            {
-                "KUBECONFIG": str(kubeconfig),
-                "PROVISIONER_NAME": "rbac.test/nfs",
-                "NFS_SERVER": "nas",
-                "NFS_PATH": "/exports",
-                "NFS_MOUNT_PATH": str(export),
-                "POD_NAMESPACE": NAMESPACE,
-                "LEADER_ELECTION_LOCK": "endpointsleases",
-            }
+        result = run_cli(
+            "check",
+            env=check_env(
+                kubeconfig,
+                export,
+                PROVISIONER_NAME="rbac.test/nfs",
+                LEADER_ELECTION_LOCK="endpointsleases",
+            ),
         )
-        result = subprocess.run(
-            [sys.executable, "-m", "provisioner", "check"],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        assert result.returncode == 1, result.stdout + result.stderr
+        wanted = [
+            grant
+            for grant in WANTED
+            if (grant.permission.resource, grant.permission.verb) == (rule["resources"][0], verb)
+        ]
+        if wanted:
+            assert result.returncode == 0, result.stdout + result.stderr
+            assert f"preflight: degraded: without {wanted[0].feature}:" in result.stdout
+            assert "FAILED" not in result.stdout, result.stdout
+        else:
+            assert result.returncode == 1, result.stdout + result.stderr
         where = "ClusterRole" if kind == "ClusterRole" else "Role in the provisioner's namespace"
         expected = (
             f"  # {where}\n"
