@@ -7,8 +7,8 @@ and claim, spec.nfs with NFS_SERVER and NFS_PATH joined to the directory) and th
 nfs-client-provisioner (the same PV; default names only, claims naming their class by the beta
 annotation). They are bound to their claims, their directories hold data on the temp export, and
 our provisioner runs with the same PROVISIONER_NAME and classes: it adopts them and releases
-them by the old rules, refuses what it cannot adopt safely, and the README's migration guide
-(lock hand-over, ``check --migration``, rollback) is followed step by step.
+them by the old rules, refuses what it cannot adopt safely, and the migration guide
+(``docs/migration.md``: lock hand-over, ``check --migration``, rollback) is followed step by step.
 """
 
 from __future__ import annotations
@@ -459,17 +459,17 @@ def test_unsafe_old_volumes_are_refused_once_and_nothing_is_touched(
     admin.run("delete", "pv", *(old.pv for old, _ in refused.values()), "--wait=false")
 
 
-# --- the README's migration guide, followed -------------------------------------------------------
+# --- the migration guide (docs/migration.md), followed --------------------------------------------
 
 
 def guide_block(marker: str, **values: str) -> str:
-    """The shell block after ``<!-- migration-guide: marker -->`` in the README, with the
+    """The shell block after ``<!-- migration-guide: marker -->`` in docs/migration.md, with the
     variables an admin edits (``NAME=value`` lines) set to this test's values."""
-    readme = (REPO / "README.md").read_text()
+    guide = (REPO / "docs" / "migration.md").read_text()
     match = re.search(
-        rf"<!-- migration-guide: {re.escape(marker)} -->\s*```sh\n(.*?)```", readme, re.S
+        rf"<!-- migration-guide: {re.escape(marker)} -->\s*```sh\n(.*?)```", guide, re.S
     )
-    assert match is not None, f"README has no migration-guide block {marker}"
+    assert match is not None, f"docs/migration.md has no migration-guide block {marker}"
     script = match.group(1)
     for variable, value in values.items():
         script, count = re.subn(
@@ -480,7 +480,7 @@ def guide_block(marker: str, **values: str) -> str:
 
 
 def run_guide(admin: Kube, script: str) -> str:
-    """Run a README block with bash, kubectl on PATH as the admin would."""
+    """Run a block of the migration guide with bash, kubectl on PATH as the admin would."""
     env = {
         **os.environ,
         "KUBECONFIG": str(admin.kubeconfig),
