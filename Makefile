@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 N ?= 300
 
-.PHONY: setup lock lint fmt test unit integration controlplane dev-cluster dev-cluster-down bench demo image image-local e2e e2e-kind clean
+.PHONY: setup lock lint fmt test unit integration controlplane dev-cluster dev-cluster-down bench demo image image-local e2e-host e2e e2e-storage e2e-kind clean
 
 setup: $(STAMP)
 
@@ -88,17 +88,27 @@ image-local: setup
 E2E_PACKAGES := nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-dev libnfs-utils fuse3 libfuse3-dev \
 	docker.io containerd runc containernetworking-plugins debootstrap busybox-static iptables
 
-# Root only. Installs the packages (only when one is missing), the e2e extra, builds kubelet and
-# kube-scheduler next to the cached control plane, then runs tests/e2e on a one-node cluster
-# that it starts and takes down again (the last check: the host is as it was).
-e2e: controlplane
+# Root only: the packages (only when one is missing) and the e2e extra, for e2e and e2e-storage.
+e2e-host: controlplane
 	@test "$$(id -u)" = 0 || { echo "make e2e: run as root (containerd, kubelet, mounts, NFS server)" >&2; exit 1; }
 	test "$$(dpkg-query -W -f='$${db:Status-Abbrev}\n' $(E2E_PACKAGES) 2>/dev/null | grep -c '^ii')" = $(words $(E2E_PACKAGES)) || { \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(E2E_PACKAGES) || { \
 		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(E2E_PACKAGES); }; }
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[e2e]'
-	controlplane/build.sh kubelet kube-scheduler
-	$(PY) -m pytest tests/e2e
+
+# Builds kubelet, kube-scheduler, and Kubernetes' e2e.test and agnhost next to the cached control
+# plane, then runs tests/e2e (five of Kubernetes' storage tests among them) on a one-node cluster
+# that it starts and takes down again (the last check: the host is as it was).
+e2e: e2e-host
+	controlplane/build.sh kubelet kube-scheduler e2e.test agnhost
+	$(PY) -m pytest tests/e2e -m 'not storage_suite'
+
+# Every one of Kubernetes' External Storage tests that applies (e2e.test, built once from
+# controlplane/e2e-suite into the same cache, with agnhost) against the shipped StorageClass on the
+# same node, about twenty minutes; docs/e2e-storage.md.
+e2e-storage: e2e-host
+	controlplane/build.sh kubelet kube-scheduler e2e.test agnhost
+	$(PY) -m pytest tests/e2e -m storage_suite -rP
 
 e2e-kind:
 	tests/e2e/kind.sh

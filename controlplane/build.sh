@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Builds kube-apiserver, kube-controller-manager and etcd (and, on request,
-# kube-scheduler and kubelet for the e2e node) from the pinned Go modules in
-# this directory into a cache outside the repository, keyed by version. A
-# binary that is already cached is not rebuilt.
+# kube-scheduler and kubelet for the e2e node, and Kubernetes' e2e.test and
+# agnhost for `make e2e-storage`) from the pinned Go modules in this directory
+# (e2e-suite/ for the last two) into a cache outside the repository, keyed by
+# version. A binary that is already cached is not rebuilt.
 #
 # usage: controlplane/build.sh [etcd] [kube-apiserver] [kube-controller-manager]
-#                              [kube-scheduler] [kubelet]
+#                              [kube-scheduler] [kubelet] [e2e.test] [agnhost]
 #        (no argument: etcd, kube-apiserver and kube-controller-manager, what
 #        `make test` needs). Prints the cache's bin directory last.
 set -euo pipefail
@@ -46,8 +47,18 @@ for t in "${targets[@]}"; do
       mv "$bin_dir/etcd.tmp" "$bin_dir/etcd" ;;
     kube-apiserver|kube-controller-manager|kube-scheduler|kubelet)
       kube_pkgs+=("k8s.io/kubernetes/cmd/$t") ;;
+    e2e.test)
+      # Kubernetes' end-to-end suite, the test binary of k8s.io/kubernetes/test/e2e (about ten
+      # minutes cold on two cores, sharing the compiled packages of the control plane).
+      echo "controlplane: building e2e.test $kube_version" >&2
+      (cd "$here/e2e-suite" && go test -c -trimpath -ldflags "$ldflags" -o "$bin_dir/e2e.test.tmp" k8s.io/kubernetes/test/e2e)
+      mv "$bin_dir/e2e.test.tmp" "$bin_dir/e2e.test" ;;
+    agnhost)
+      echo "controlplane: building agnhost $kube_version" >&2
+      (cd "$here/e2e-suite" && go build -trimpath -ldflags "-s -w" -o "$bin_dir/agnhost.tmp" k8s.io/kubernetes/test/images/agnhost)
+      mv "$bin_dir/agnhost.tmp" "$bin_dir/agnhost" ;;
     *)
-      echo "controlplane: unknown binary '$t'; expected etcd, kube-apiserver, kube-controller-manager, kube-scheduler or kubelet" >&2
+      echo "controlplane: unknown binary '$t'; expected etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, e2e.test or agnhost" >&2
       exit 2 ;;
   esac
 done

@@ -410,16 +410,33 @@ def _canonical(obj: Mapping[str, Any]) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
+@dataclass(frozen=True)
+class Image:
+    """An image to pack: its layers (uncompressed tars, lowest first) and what it runs."""
+
+    layers: tuple[bytes, ...]
+    cmd: tuple[str, ...] = ()
+    entrypoint: tuple[str, ...] = ()
+
+
 def image_blobs(layer: bytes, cmd: Sequence[str]) -> tuple[Blob, Blob]:
     """(config, manifest) of a one-layer linux/amd64 image running ``cmd``."""
-    layer_blob = Blob(OCI_LAYER, layer)
+    return layered_image_blobs(Image((layer,), tuple(cmd)))
+
+
+def layered_image_blobs(image: Image) -> tuple[Blob, Blob]:
+    """(config, manifest) of a linux/amd64 ``image``."""
+    layer_blobs = [Blob(OCI_LAYER, layer) for layer in image.layers]
+    runs: dict[str, Any] = {"Cmd": list(image.cmd), "Env": ["PATH=/bin"], "WorkingDir": "/"}
+    if image.entrypoint:
+        runs["Entrypoint"] = list(image.entrypoint)
     config = Blob(
         OCI_CONFIG,
         _canonical(
             {
                 **PLATFORM,
-                "config": {"Cmd": list(cmd), "Env": ["PATH=/bin"], "WorkingDir": "/"},
-                "rootfs": {"type": "layers", "diff_ids": [layer_blob.digest]},
+                "config": runs,
+                "rootfs": {"type": "layers", "diff_ids": [blob.digest for blob in layer_blobs]},
                 "history": [{"created_by": "controlplane.node: busybox-static"}],
             }
         ),
@@ -431,7 +448,7 @@ def image_blobs(layer: bytes, cmd: Sequence[str]) -> tuple[Blob, Blob]:
                 "schemaVersion": 2,
                 "mediaType": OCI_MANIFEST,
                 "config": config.descriptor(),
-                "layers": [layer_blob.descriptor()],
+                "layers": [blob.descriptor() for blob in layer_blobs],
             }
         ),
     )
@@ -903,12 +920,20 @@ def busybox_layer(busybox: Path = BUSYBOX_BINARY) -> bytes:
 
 def write_image_archive(path: Path, layer: bytes, images: Mapping[str, Sequence[str]]) -> Path:
     """An OCI image-layout tar holding one image per name (name -> command), sharing ``layer``."""
+    return write_images_archive(
+        path, {name: Image((layer,), tuple(cmd)) for name, cmd in images.items()}
+    )
+
+
+def write_images_archive(path: Path, images: Mapping[str, Image]) -> Path:
+    """An OCI image-layout tar holding one image per name; equal layers are stored once."""
     blobs: dict[str, Blob] = {}
     manifests: dict[str, Blob] = {}
-    layer_blob = Blob(OCI_LAYER, layer)
-    blobs[layer_blob.digest] = layer_blob
-    for name, cmd in images.items():
-        config, manifest = image_blobs(layer, cmd)
+    for name, image in images.items():
+        for layer in image.layers:
+            layer_blob = Blob(OCI_LAYER, layer)
+            blobs[layer_blob.digest] = layer_blob
+        config, manifest = layered_image_blobs(image)
         blobs[config.digest] = config
         blobs[manifest.digest] = manifest
         manifests[name] = manifest

@@ -103,6 +103,8 @@ NODE_KCM_CONTROLLERS = (
     "deployment-controller",
     "replicaset-controller",
     "statefulset-controller",
+    # Generic ephemeral volumes: the claim of a pod's `ephemeral` volume (the storage suite).
+    "ephemeral-volume-controller",
     # Lifts node.kubernetes.io/not-ready:NoSchedule once the kubelet reports Ready, so the
     # scheduler places pods (the kubelet registers with that taint).
     "node-lifecycle-controller",
@@ -418,7 +420,8 @@ def apiserver_args(
     the policy keeps (the RBAC test records what the provisioner calls). Off by default.
     ``service_accounts`` (the node profile) keeps the ServiceAccount admission plugin on, so
     pods get a ServiceAccount and its projected token; the controller manager must then run
-    the serviceaccount controllers, or pods are refused until a `default` SA exists.
+    the serviceaccount controllers, or pods are refused until a `default` SA exists. It also
+    admits privileged containers, as kubeadm's clusters do.
     """
     audit_args = (
         [
@@ -449,6 +452,9 @@ def apiserver_args(
         # The default plugin set stays on (DefaultStorageClass, StorageObjectInUseProtection, ...);
         # ServiceAccount goes because no serviceaccount controller creates `default` SAs.
         *([] if service_accounts else ["--disable-admission-plugins=ServiceAccount"]),
+        # The node profile admits privileged containers, as kubeadm's and kind's clusters do:
+        # Kubernetes' storage tests (make e2e-storage) run some (subPath) privileged.
+        *(["--allow-privileged=true"] if service_accounts else []),
         *audit_args,
     ]
 

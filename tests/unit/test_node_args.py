@@ -84,6 +84,11 @@ def _kcm(node_pki: Pki | None) -> dict[str, str]:
 
 def test_default_apiserver_still_disables_service_account_admission() -> None:
     assert _apiserver(False)["disable-admission-plugins"] == "ServiceAccount"
+    assert "allow-privileged" not in _apiserver(False)
+
+
+def test_node_profile_apiserver_admits_privileged_containers_as_kubeadm_does() -> None:
+    assert _apiserver(True)["allow-privileged"] == "true"
 
 
 def test_node_profile_apiserver_keeps_every_default_admission_plugin() -> None:
@@ -112,6 +117,7 @@ def test_node_profile_controller_manager_adds_credentials_workloads_and_node_lif
         "deployment-controller",
         "replicaset-controller",
         "statefulset-controller",
+        "ephemeral-volume-controller",  # the claims of generic ephemeral volumes
         "node-lifecycle-controller",
         "garbage-collector-controller",  # rollouts and scale-down delete ReplicaSets' pods
     ):
