@@ -74,6 +74,9 @@ ENV_OVERRIDES = {
     KUBE_CONTROLLER_MANAGER: "TEST_ASSET_KUBE_CONTROLLER_MANAGER",
     KUBE_SCHEDULER: "TEST_ASSET_KUBE_SCHEDULER",
     KUBELET: "TEST_ASSET_KUBELET",
+    # Kubernetes' e2e suite and its agnhost test image (make e2e, make e2e-storage).
+    "e2e.test": "TEST_ASSET_E2E_TEST",
+    "agnhost": "TEST_ASSET_AGNHOST",
 }
 
 SERVICE_CLUSTER_IP_RANGE = "10.0.0.0/24"

@@ -100,11 +100,15 @@ def suite_argv(
         f"-ginkgo.timeout={timeout}",
         "-ginkgo.no-color",
         "-ginkgo.v",
-        f"-ginkgo.json-report={report_dir / 'report.json'}",
+        f"-ginkgo.json-report={_report(report_dir)}",
         f"-report-dir={report_dir}",
         "-provider=skeleton",
         "-node-os-distro=debian",
     ]
+
+
+def _report(report_dir: Path) -> Path:
+    return report_dir / "report.json"
 
 
 @dataclass
@@ -158,11 +162,11 @@ def summarize(report: Sequence[dict[str, Any]]) -> Summary:
     return summary
 
 
-def run(argv: Sequence[str], log: Path, timeout: float) -> Summary:
-    """Run the suite (its output to ``log``) and read its report; the exit code is not trusted
-    alone: a run with no report (it could not start) raises with the log's tail."""
-    report_arg = next(arg for arg in argv if arg.startswith("-ginkgo.json-report="))
-    report = Path(report_arg.split("=", 1)[1])
+def run(argv: Sequence[str], report_dir: Path, log: Path, timeout: float) -> Summary:
+    """Run the suite (its output to ``log``) and read its report from ``report_dir`` (the one
+    given to ``suite_argv``); the exit code is not trusted alone: a run with no report (it could
+    not start) raises with the log's tail."""
+    report = _report(report_dir)
     with log.open("wb") as out:
         subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, timeout=timeout, check=False)
     if not report.is_file():

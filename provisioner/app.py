@@ -138,21 +138,20 @@ class Provisioner:
 
     async def _learn_grants(self) -> None:
         """The cluster's identity and whether PVs may be patched, each a wanted permission
-        (permissions.py): without it a feature steps down, said once here."""
+        (permissions.py): without it a feature steps down, said once here. Asked at each
+        leadership, not taken from the start-up check: a standby may lead much later."""
         cluster = await self._asked("the cluster's identity", self.kube.cluster_identity)
-        if cluster.from_ca:
-            logger.warning(
-                "%s", permissions.degraded_line(permissions.READ_CLUSTER_UID).replace("\n", " ")
-            )
         patch = permissions.PATCH_VOLUMES.permission
         may_patch = await self._asked(
             "whether PersistentVolumes may be patched",
             lambda: self.kube.can_i(patch.verb, patch.resource, patch.group),
         )
-        if not may_patch:
-            logger.warning(
-                "%s", permissions.degraded_line(permissions.PATCH_VOLUMES).replace("\n", " ")
-            )
+        for grant, granted in (
+            (permissions.READ_CLUSTER_UID, not cluster.from_ca),
+            (permissions.PATCH_VOLUMES, may_patch),
+        ):
+            if not granted:
+                logger.warning("%s", permissions.degraded_line(grant).replace("\n", " "))
         logger.info("cluster identity on the export: %s", cluster.describe())
         self.reconciler.cluster = cluster.primary
         self.reconciler.patch_volumes = may_patch

@@ -14,7 +14,8 @@ clusters sharing one export never act on each other's directories. Two sources, 
 Every certificate of the bundle is an *alias*: records written under any of them are this
 cluster's too. So records written before the namespace grant was added stay ours once it is,
 and a bundle that carries the old and the new CA during a rotation keeps both readable.
-No I/O here: ``kube.KubeApi.cluster_identity`` reads the certificate and asks for the uid.
+No I/O here: ``kube.KubeApi.cluster_identity`` reads the certificate and asks for the uid;
+``Storage.set_writer`` takes the aliases and reads them back as the primary.
 """
 
 from __future__ import annotations
@@ -39,10 +40,6 @@ class ClusterIdentity:
     primary: str  # written on every new record
     aliases: frozenset[str]  # also this cluster's when read back
     from_ca: bool  # True when kube-system's uid could not be read
-
-    def canonical(self, cluster: str) -> str:
-        """``cluster`` as this process names it: an alias of ours becomes the primary."""
-        return self.primary if cluster in self.aliases else cluster
 
     def describe(self) -> str:
         if self.from_ca:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import enum
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from provisioner.journal import Owner
@@ -49,12 +50,12 @@ class Inspection:
     def exists(self) -> bool:
         return self.existing == self.depth
 
-    def seen_by(self, aliases: frozenset[str], cluster: str) -> Inspection:
-        """The same findings, with records of any of ``aliases`` read as ``cluster``'s: the
-        names this cluster wrote under before (identity.py)."""
+    def seen_by(self, canonical: Callable[[str], str]) -> Inspection:
+        """The same findings, each record's cluster as ``canonical`` names it: the names this
+        cluster wrote under before read as its own (identity.py)."""
 
         def own(owner: Owner) -> Owner:
-            return replace(owner, cluster=cluster) if owner.cluster in aliases else owner
+            return replace(owner, cluster=canonical(owner.cluster))
 
         return replace(
             self,

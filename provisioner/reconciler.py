@@ -576,15 +576,11 @@ class Reconciler:
             return None
         except (StorageError, Busy) as error:
             raise RetryLater(f"volume {volume.name}: cannot adopt it yet: {error}") from error
-        patch = adoption.adoption_patch(volume, located, self.export, _now())
-        if not self.patch_volumes:
-            adopted = self._keep_unrecorded(volume, patch)
-        else:
-            saved = await self._patch_volume(volume, patch)
-            if saved is None:
-                return None
-            adopted = core.volume_from(saved)
-            self.cache.put_volume(adopted)
+        adopted = await self._record(
+            volume, adoption.adoption_patch(volume, located, self.export, _now())
+        )
+        if adopted is None:
+            return None
         logger.info("volume %s: adopted with directory %s", volume.name, directory)
         self._event(
             volume_ref(adopted),
@@ -597,14 +593,8 @@ class Reconciler:
     async def _refuse_adoption(self, volume: core.Volume, refusal: adoption.Refusal) -> None:
         """Once: the annotation makes the refusal visible and stops every later attempt (in
         memory, once per process, when PVs may not be patched)."""
-        patch = adoption.refusal_patch(volume, refusal)
-        if not self.patch_volumes:
-            self._keep_unrecorded(volume, patch)
-        else:
-            saved = await self._patch_volume(volume, patch)
-            if saved is None:
-                return
-            self.cache.put_volume(core.volume_from(saved))
+        if await self._record(volume, adoption.refusal_patch(volume, refusal)) is None:
+            return
         logger.warning("volume %s: not adopted: %s", volume.name, refusal.reason)
         self._event(
             volume_ref(volume),
@@ -652,6 +642,18 @@ class Reconciler:
             logger.info("volume %s: on-delete %s: %s", volume.name, policy.on_delete, policy.basis)
             return recorded
         raise RetryLater(f"volume {volume.name}: gone or changing while recording its policy")
+
+    async def _record(self, volume: core.Volume, patch: dict[str, Any]) -> core.Volume | None:
+        """Record ``patch`` (our annotations) on the PV, or in memory when PVs may not be
+        patched; the volume as it now reads, None if the PV is gone."""
+        if not self.patch_volumes:
+            return self._keep_unrecorded(volume, patch)
+        saved = await self._patch_volume(volume, patch)
+        if saved is None:
+            return None
+        recorded = core.volume_from(saved)
+        self.cache.put_volume(recorded)
+        return recorded
 
     def _keep_unrecorded(self, volume: core.Volume, patch: dict[str, Any]) -> core.Volume:
         """Remember the annotations ``patch`` would have written on ``volume`` (PVs may not be

@@ -258,6 +258,10 @@ class Storage:
         self.locks.writer = replace(self.locks.writer, cluster=cluster, provisioner=provisioner)
         self.aliases = aliases - {cluster}
 
+    def _canonical(self, cluster: str) -> str:
+        """A record's cluster as this process names it: an alias of ours is ours."""
+        return self.writer.cluster if cluster in self.aliases else cluster
+
     @contextlib.asynccontextmanager
     async def reserve(self, holder: str, *dirs: RelativeDir) -> AsyncIterator[None]:
         """Hold ``dirs`` (each with everything inside and above it) for ``holder``: in this
@@ -293,7 +297,7 @@ class Storage:
         """
         limit = self.scan_limit
         found = await self._run("inspect", rel, lambda tree: _inspect(tree, rel, limit))
-        return found.seen_by(self.aliases, self.writer.cluster) if self.aliases else found
+        return found.seen_by(self._canonical) if self.aliases else found
 
     async def create_dir(
         self, rel: RelativeDir, mode: DirOwner, owner: Owner, intent: Intent
@@ -333,10 +337,8 @@ class Storage:
         """Every intent on the export (an alias of this cluster read as its own name), and the
         names of the files that could not be parsed."""
         intents, unreadable = await self._run("read_intents", None, journal.read_intents)
-        cluster = self.writer.cluster
         return [
-            replace(intent, cluster=cluster) if intent.cluster in self.aliases else intent
-            for intent in intents
+            replace(intent, cluster=self._canonical(intent.cluster)) for intent in intents
         ], unreadable
 
     async def remove_temporaries(self, cluster: str, provisioner: str) -> list[str]:
@@ -604,8 +606,7 @@ def _create(tree: Tree, rel: RelativeDir, mode: DirOwner, owner: Owner, intent: 
         # A record of a level that does not exist is stale: a crash (or a failed mkdir) came
         # between it and its directory. Removed before the mkdir, or a parent made now for
         # this claim would bring another tenant's record back to life around it.
-        if journal.read_owner(tree, rel.parts[:depth]) is not None:
-            journal.remove_owner(tree, rel.parts[:depth])
+        journal.remove_owner(tree, rel.parts[:depth])
     if not journal.create_owner(tree, rel.parts, owner):
         # Someone else (another cluster sharing the export) is creating it right now: their
         # record stays, and the next attempt decides again.

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from controlplane import suite
-from controlplane.runner import cache_bin_dir, kubectl_binary
+from controlplane.runner import kubectl_binary, resolve_paths
 from tests.e2e.cluster import REPO, E2ECluster
 
 pytestmark = pytest.mark.e2e
@@ -54,20 +54,15 @@ SMOKE = (
 SMOKE_COUNT = 5
 
 
-def cached_binary(name: str) -> Path:
-    path = cache_bin_dir() / name
-    if not path.is_file():
-        pytest.fail(f"{path} is missing: `make e2e-storage` builds it", pytrace=False)
-    return path
-
-
 def run_suite(cluster: E2ECluster, scratch: Path, focus: str) -> suite.Summary:
     """The test images imported, then ``e2e.test`` with ``focus`` and SKIP; its summary."""
-    suite.import_test_images(cluster.node, cached_binary("agnhost"), scratch)
+    # Built by make e2e / make e2e-storage; missing, the error names the build.sh command.
+    binaries = resolve_paths(["e2e.test", "agnhost"], build=False)
+    suite.import_test_images(cluster.node, binaries["agnhost"], scratch)
     reports = scratch / "reports"
     reports.mkdir()
     argv = suite.suite_argv(
-        cached_binary("e2e.test"),
+        binaries["e2e.test"],
         kubeconfig=cluster.kubeconfig,
         kubectl=kubectl_binary(),
         driver=DRIVER,
@@ -76,7 +71,7 @@ def run_suite(cluster: E2ECluster, scratch: Path, focus: str) -> suite.Summary:
         report_dir=reports,
         timeout=f"{SUITE_TIMEOUT}s",
     )
-    summary = suite.run(argv, scratch / "e2e.test.log", timeout=SUITE_TIMEOUT + 120)
+    summary = suite.run(argv, reports, scratch / "e2e.test.log", timeout=SUITE_TIMEOUT + 120)
     print(summary.render())
     return summary
 

@@ -25,13 +25,13 @@ import yaml
 from provisioner import adoption, core, identity, permissions
 from provisioner.cache import Cache
 from provisioner.config import LockKind, Settings
-from provisioner.journal import Owner
+from provisioner.journal import Intent, Owner
 from provisioner.kube import JSON
 from provisioner.metrics import Metrics
 from provisioner.paths import parse_relative
 from provisioner.reconciler import Identity, Reconciler, RetryLater
 from provisioner.safefs import LocalSyscalls
-from provisioner.storage import Storage
+from provisioner.storage import DirOwner, Storage
 from tests.fakes import FakeKube, _merge
 
 REPO = Path(__file__).resolve().parents[2]
@@ -77,8 +77,9 @@ def test_without_the_uid_the_first_certificate_names_the_cluster_and_all_are_ali
     old, new = identity.ca_fingerprints(bundle)
     found = identity.from_ca(bundle)
     assert (found.primary, found.aliases, found.from_ca) == (old, frozenset({old, new}), True)
-    assert found.canonical(new) == old
-    assert found.canonical("another-cluster") == "another-cluster"
+    # Storage reads a record of any alias as the primary's, and no other (below).
+    assert new in found.aliases
+    assert "another-cluster" not in found.aliases
     assert "CA certificate" in found.describe()
 
 
@@ -88,7 +89,7 @@ def test_with_the_uid_the_ca_names_stay_aliases() -> None:
     found = identity.from_uid("4f0c-uid", bundle)
     assert (found.primary, found.from_ca) == ("4f0c-uid", False)
     assert found.aliases == {"4f0c-uid", fingerprint}
-    assert found.canonical(fingerprint) == "4f0c-uid"
+    assert fingerprint in found.aliases
     assert identity.from_uid("4f0c-uid", None).aliases == {"4f0c-uid"}
     assert identity.from_uid("4f0c-uid", b"not a bundle").aliases == {"4f0c-uid"}
 
@@ -378,5 +379,32 @@ def test_records_under_an_alias_of_the_cluster_are_its_own(tmp_path: Path) -> No
         found = run(storage.inspect(parse_relative("team")))
         assert found.leaf_owner is not None
         assert found.leaf_owner.cluster == "ca:0123"
+    finally:
+        storage.close()
+
+
+def test_intents_under_an_alias_of_the_cluster_are_its_own(tmp_path: Path) -> None:
+    """The sweep settles only its own cluster's intents: those written under the CA's name
+    before the grant was added are read back under the uid; another cluster's are not."""
+    storage = Storage(tmp_path, LocalSyscalls(), timeout=10.0, max_threads=2)
+    try:
+        for cluster, volume in (("ca:0123", "pvc-1"), ("other", "pvc-2")):
+            storage.set_writer(cluster, NAME)
+            intent = Intent(volume, NAMESPACE, "data", "uid", f"d-{volume}", cluster, NAME, "t")
+            run(
+                storage.create_dir(
+                    parse_relative(f"d-{volume}"),
+                    DirOwner(),
+                    Owner(cluster, NAMESPACE, NAME),
+                    intent,
+                )
+            )
+        storage.set_writer("kube-system-uid", NAME, frozenset({"kube-system-uid", "ca:0123"}))
+        intents, unreadable = run(storage.read_intents())
+        assert unreadable == []
+        assert sorted((i.volume, i.cluster) for i in intents) == [
+            ("pvc-1", "kube-system-uid"),
+            ("pvc-2", "other"),
+        ]
     finally:
         storage.close()
