@@ -22,14 +22,14 @@ from provisioner.config import (
 )
 
 if TYPE_CHECKING:
-    from provisioner.kube import KubeApi
+    from provisioner.kube import KubeClient
     from provisioner.safefs import Syscalls
 
 
 def main(
     argv: Sequence[str] | None = None,
     calls: Syscalls | None = None,
-    api_class: type[KubeApi] | None = None,
+    api_class: type[KubeClient] | None = None,
 ) -> int:
     """``calls`` replaces the real filesystem calls and ``api_class`` the API client of the
     running provisioner; only tests pass them (tests/faults.py)."""

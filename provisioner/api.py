@@ -1,23 +1,64 @@
 """The Kubernetes API as the control loop sees it: the seam between decisions and the wire.
 
-``reconciler`` (and its ``relist``), ``sweep`` and the leader-election locks are typed against
-``KubeApi``; ``kube.KubeApi`` is the real implementation and ``tests/fakes.FakeKube`` an in-memory
-one. It lists exactly the calls those modules make, nothing more. It must not import the
-Kubernetes client at run time: the names below come from ``kube`` for type checking only.
+``reconciler``, ``resync``, ``sweep`` and the leader-election locks are typed against the
+``KubeApi`` Protocol and catch the errors defined here; ``kube.KubeClient`` is the real
+implementation and ``tests/fakes.FakeKube`` an in-memory one. The Protocol lists exactly the calls
+those modules make, nothing more. Nothing here imports the Kubernetes client, so a module that
+only needs the seam (import-linter's ``seam`` contract) never loads it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from provisioner.core import Claim, Volume
-    from provisioner.kube import JSON, ObjectRef
+
+JSON = dict[str, Any]
+
+
+class ApiError(Exception):
+    """An API call failed; ``status`` is the HTTP status (0 when the server was not reached)."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(f"{status} {reason}: {message}" if status else message)
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+
+class NotFound(ApiError):
+    pass
+
+
+class Conflict(ApiError):
+    """409: the object exists already (create) or changed since it was read (update)."""
+
+
+class Forbidden(ApiError):
+    pass
+
+
+class NotLeader(ApiError):
+    """A PersistentVolume write refused by the fence (leader lease not known to be valid)."""
+
+
+@dataclass(frozen=True)
+class ObjectRef:
+    """What an Event needs to point at its object."""
+
+    kind: str
+    name: str
+    uid: str
+    namespace: str | None = None
+    api_version: str = "v1"
+    resource_version: str = ""
 
 
 class KubeApi(Protocol):
-    """Errors are ``kube.ApiError`` and its subclasses (``NotFound``, ``Conflict``, ...)."""
+    """Errors are ``ApiError`` and its subclasses (``NotFound``, ``Conflict``, ...)."""
 
     # --- leader-election locks: plain requests on Endpoints and Leases ---------------------------
 
@@ -73,6 +114,6 @@ class KubeApi(Protocol):
     def record_event(
         self, ref: ObjectRef, event_type: str, reason: str, message: str, component: str
     ) -> None:
-        """Queue the Event and return at once: never waits, never raises (``kube.EventSink``
+        """Queue the Event and return at once: never waits, never raises (``eventsink.EventSink``
         posts it with its own budget, correlated; what it cannot send is counted)."""
         ...

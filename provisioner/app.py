@@ -20,11 +20,12 @@ from typing import TypeVar
 import kopf
 
 from provisioner import core, handlers, permissions
+from provisioner.api import ApiError, ObjectRef
 from provisioner.cache import Cache
 from provisioner.config import Settings
 from provisioner.fence import Fence
 from provisioner.httpserver import Readiness, make_app, serve
-from provisioner.kube import ApiError, KubeApi, ObjectRef, load_api_client
+from provisioner.kube import KubeClient, load_api_client
 from provisioner.leader import LeaderElector, LeadershipLost, make_lock
 from provisioner.metrics import Metrics
 from provisioner.reconciler import Identity, Reconciler, gate, resync_forever
@@ -53,7 +54,7 @@ class Provisioner:
         settings: Settings,
         calls: Syscalls | None = None,
         metrics: Metrics | None = None,
-        api_class: type[KubeApi] | None = None,
+        api_class: type[KubeClient] | None = None,
     ) -> None:
         """``calls`` and ``api_class`` replace the filesystem calls and the API client (tests
         inject faults through them)."""
@@ -63,7 +64,7 @@ class Provisioner:
         # Checked before every side effect of the reconciler (PV writes, filesystem changes):
         # closed until the elector has written our record, always open without election.
         self.fence = Fence() if settings.leader_election else Fence.always()
-        self.kube = (api_class or KubeApi)(
+        self.kube = (api_class or KubeClient)(
             load_api_client(pool_size=settings.workers + 8),
             qps=settings.client_qps,
             burst=settings.client_burst,
@@ -99,10 +100,10 @@ class Provisioner:
         self._stepping_down: asyncio.Task[None] | None = None
         # Election traffic has its own client and pace, so a busy reconciler never delays a
         # renewal past the renew deadline.
-        self.election_kube: KubeApi | None = None
+        self.election_kube: KubeClient | None = None
         self.elector: LeaderElector | None = None
         if settings.leader_election:
-            self.election_kube = KubeApi(
+            self.election_kube = KubeClient(
                 load_api_client(pool_size=2),
                 qps=10,
                 burst=10,

@@ -1,6 +1,6 @@
 """Event aggregation, correlation and spam limiting, as client-go's ``EventCorrelator``; pure.
 
-``kube.EventRecorder`` asks ``Correlator.plan`` what to do with each Event (create it, patch
+``eventsink.EventRecorder`` asks ``Correlator.plan`` what to do with each Event (create it, patch
 the earlier identical one, or drop it) and reports back what the API server answered. Similar
 Events (same source, object, type and reason) with many different messages are combined into
 one, as client-go's ``EventAggregator`` does, so a claim retried with a changing error message

@@ -16,9 +16,10 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from provisioner import core
+from provisioner.api import ApiError
 from provisioner.config import Handover, Settings
 from provisioner.journal import Owner
-from provisioner.kube import ApiError, KubeApi, load_api_client
+from provisioner.kube import KubeClient, load_api_client
 from provisioner.paths import RelativeDir
 from provisioner.reservations import Busy
 from provisioner.safefs import Redirected, Syscalls
@@ -43,7 +44,7 @@ def in_use(
 async def run(settings: Settings, request: Handover, calls: Syscalls) -> tuple[int, str]:
     """Record ``request.namespace`` as the owner of ``request.directory``; (exit code, line)."""
     try:
-        kube = KubeApi(load_api_client(pool_size=1), qps=5, burst=5, threads=1)
+        kube = KubeClient(load_api_client(pool_size=1), qps=5, burst=5, threads=1)
     except Exception as error:  # noqa: BLE001 - any config failure is reported, not raised
         return 1, f"handover: no Kubernetes configuration: {error}"
     try:

@@ -14,7 +14,7 @@ clusters sharing one export never act on each other's directories. Two sources, 
 Every certificate of the bundle is an *alias*: records written under any of them are this
 cluster's too. So records written before the namespace grant was added stay ours once it is,
 and a bundle that carries the old and the new CA during a rotation keeps both readable.
-No I/O here: ``kube.KubeApi.cluster_identity`` reads the certificate and asks for the uid;
+No I/O here: ``kube.KubeClient.cluster_identity`` reads the certificate and asks for the uid;
 ``Storage.set_writer`` takes the aliases and reads them back as the primary.
 """
 

@@ -30,10 +30,9 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
-from provisioner.api import KubeApi
+from provisioner.api import ApiError, Conflict, KubeApi, NotFound, ObjectRef
 from provisioner.config import LockKind, Settings
 from provisioner.fence import Fence
-from provisioner.kube import ApiError, Conflict, NotFound, ObjectRef
 
 logger = logging.getLogger(__name__)
 

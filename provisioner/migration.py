@@ -12,8 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from provisioner import adoption, core
+from provisioner.api import ApiError
 from provisioner.config import Settings
-from provisioner.kube import ApiError, KubeApi, load_api_client
+from provisioner.kube import KubeClient, load_api_client
 from provisioner.safefs import Redirected, Syscalls
 from provisioner.storage import Storage, StorageError
 
@@ -21,7 +22,7 @@ from provisioner.storage import Storage, StorageError
 async def run(settings: Settings, calls: Syscalls) -> tuple[int, str]:
     """(exit code, report): 0 with the listing, 1 when the PVs or classes cannot be listed."""
     try:
-        kube = KubeApi(load_api_client(pool_size=2), qps=20, burst=20, threads=2)
+        kube = KubeClient(load_api_client(pool_size=2), qps=20, burst=20, threads=2)
     except Exception as error:  # noqa: BLE001 - any config failure is reported, not raised
         return 1, f"migration: no Kubernetes configuration: {error}"
     try:

@@ -12,8 +12,9 @@ import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from provisioner.api import ApiError
 from provisioner.config import Settings
-from provisioner.kube import ApiError, KubeApi, load_api_client
+from provisioner.kube import KubeClient, load_api_client
 from provisioner.permissions import (
     WANTED,
     Permission,
@@ -51,7 +52,7 @@ async def check_mount(settings: Settings, storage: Storage, report: Report) -> N
         report.passed.append(f"export mount {settings.mount_path} is a writable directory")
 
 
-async def check_api(settings: Settings, kube: KubeApi, report: Report) -> None:
+async def check_api(settings: Settings, kube: KubeClient, report: Report) -> None:
     try:
         version = await kube.server_version()
     except ApiError as error:
@@ -77,7 +78,7 @@ async def check_api(settings: Settings, kube: KubeApi, report: Report) -> None:
 
 
 async def _missing(
-    settings: Settings, kube: KubeApi, permissions: list[Permission]
+    settings: Settings, kube: KubeClient, permissions: list[Permission]
 ) -> list[Permission]:
     missing: list[Permission] = []
     for permission in permissions:
@@ -100,7 +101,7 @@ async def run(settings: Settings, calls: Syscalls | None = None) -> Report:
     finally:
         storage.close()
     try:
-        kube = KubeApi(load_api_client(pool_size=2), qps=50, burst=50, threads=2)
+        kube = KubeClient(load_api_client(pool_size=2), qps=50, burst=50, threads=2)
     except Exception as error:  # noqa: BLE001 - any config failure is reported, not raised
         report.problems.append(f"no Kubernetes configuration: {error}")
         return report

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from provisioner import adoption, core, ownership, paths
-from provisioner.api import KubeApi
+from provisioner.api import ApiError, Conflict, KubeApi, NotFound, ObjectRef
 from provisioner.cache import Cache, Merged
 from provisioner.config import (
     ClassParameters,
@@ -26,7 +26,6 @@ from provisioner.config import (
     parse_class_parameters,
 )
 from provisioner.journal import Intent, Owner
-from provisioner.kube import ApiError, Conflict, NotFound, ObjectRef
 from provisioner.metrics import Metrics
 from provisioner.reservations import Busy
 from provisioner.safefs import Redirected
@@ -200,7 +199,7 @@ class Reconciler:
             )
 
     def _event(self, ref: ObjectRef, event_type: str, reason: str, message: str) -> None:
-        """Queue an Event: it never delays the reconcile (``kube.EventSink`` posts it with its
+        """Queue an Event: it never delays the reconcile (``eventsink.EventSink`` posts it with its
         own budget; identical repeats patch its count; what is dropped is counted in
         ``events_dropped_total``)."""
         self.kube.record_event(ref, event_type, reason, message, self.identity.component)

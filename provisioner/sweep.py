@@ -16,8 +16,7 @@ from __future__ import annotations
 import logging
 
 from provisioner import core, orphans
-from provisioner.api import KubeApi
-from provisioner.kube import ApiError
+from provisioner.api import ApiError, KubeApi
 from provisioner.paths import UnsafePathError, parse_relative
 from provisioner.reservations import Busy
 from provisioner.safefs import Redirected

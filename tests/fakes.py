@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from provisioner import core
-from provisioner.kube import JSON, ApiError, Conflict, NotFound, ObjectRef
+from provisioner.api import JSON, ApiError, Conflict, NotFound, ObjectRef
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 Not part of the package, so it cannot be switched on in the image: integration tests start
 ``python -m tests.faulty_provisioner`` (see ``harness.ProvisionerProcess``), which runs the real
 entry point with ``FaultInjectingSyscalls`` around ``safefs.LocalSyscalls`` and
-``FaultInjectingKubeApi`` in place of ``kube.KubeApi``. The rules file is re-read before every
+``FaultInjectingKubeApi`` in place of ``kube.KubeClient``. The rules file is re-read before every
 call, so a test can change faults while the provisioner runs. Every hang that starts appends a
 line ``<op> <where>`` to the ``.held`` file beside the rules (``held_file``), so that a test
 knows the provisioner is held at the point it chose (and can SIGKILL it there).
@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Literal
 
 from provisioner import events
-from provisioner.kube import JSON, ApiError, KubeApi, ObjectRef
+from provisioner.api import JSON, ApiError, ObjectRef
+from provisioner.kube import KubeClient
 from provisioner.safefs import LocalSyscalls, Syscalls
 
 FAULTS_ENV = "NFS_PROVISIONER_UNSAFE_FAULTS_FILE"
@@ -204,8 +205,8 @@ class FaultInjectingSyscalls:
         self.inner.fsync(fd, where)
 
 
-class FaultInjectingKubeApi(KubeApi):
-    """``KubeApi`` whose reconciler-facing calls fail (a 500 from the API server) or hang on
+class FaultInjectingKubeApi(KubeClient):
+    """``KubeClient`` whose reconciler-facing calls fail (a 500 from the API server) or hang on
     demand before the real request; the rules file is named by ``FAULTS_ENV``. A hang blocks
     only the awaiting task, as a slow API server would."""
 

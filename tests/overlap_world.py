@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from provisioner import core, journal
+from provisioner.api import JSON
 from provisioner.cache import Cache
 from provisioner.config import Settings
 from provisioner.journal import Owner
-from provisioner.kube import JSON
 from provisioner.metrics import Metrics
 from provisioner.reconciler import Identity, Reconciler, RetryLater
 from provisioner.safefs import LocalSyscalls, Syscalls, Tree

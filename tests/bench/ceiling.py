@@ -67,7 +67,7 @@ def _now() -> str:
 def event(
     namespace: str, kind: str, name: str, uid: str, reason: str, message: str
 ) -> dict[str, Any]:
-    """An Event shaped as provisioner/kube.py's EventRecorder posts it."""
+    """An Event shaped as provisioner/eventsink.py's EventRecorder posts it."""
     involved: dict[str, Any] = {"kind": kind, "apiVersion": "v1", "name": name, "uid": uid}
     if kind == "PersistentVolumeClaim":
         involved["namespace"] = namespace

@@ -1,6 +1,6 @@
 """Event correlation, aggregation, the per-object spam limit and Event names (events.py), as
-tables; kube.EventRecorder against an in-memory Events endpoint (create, patch, 404, drop); and
-kube.EventSink: queued, paced by its own budget, never waited for, drops counted."""
+tables; eventsink.EventRecorder against an in-memory Events endpoint (create, patch, 404, drop); and
+eventsink.EventSink: queued, paced by its own budget, never waited for, drops counted."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 
 from provisioner import events
+from provisioner.api import NotFound, ObjectRef
 from provisioner.events import Action, Correlator, EventKey, Plan
-from provisioner.kube import EventRecorder, EventSink, NotFound, ObjectRef, PendingEvent
+from provisioner.eventsink import EventRecorder, EventSink, PendingEvent
 
 KEY = EventKey(
     component="example.com/nfs_host_1",

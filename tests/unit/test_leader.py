@@ -19,10 +19,11 @@ from typing import Any
 
 import pytest
 
+from provisioner.api import ApiError, Conflict, NotFound, NotLeader, ObjectRef
 from provisioner.app import Provisioner
 from provisioner.config import LockKind, Settings, load_settings
 from provisioner.fence import Fence, Fenced
-from provisioner.kube import ApiError, Conflict, KubeApi, NotFound, NotLeader, ObjectRef
+from provisioner.kube import KubeClient
 from provisioner.leader import (
     ENDPOINTS_ANNOTATION,
     UNKNOWN_LEADER,
@@ -246,7 +247,7 @@ class FakeApi:
         method: str,
         path: str,
         body: Any = None,
-        timeout: float | None = None,  # noqa: ASYNC109 - KubeApi.request's signature
+        timeout: float | None = None,  # noqa: ASYNC109 - KubeClient.request's signature
     ) -> Any:
         self.timeouts.append(timeout)
         if method == "GET":
@@ -638,9 +639,9 @@ def test_storage_behind_a_closed_fence_changes_nothing(tmp_path: Path) -> None:
     ids=["create", "delete", "finalizers", "patch"],
 )
 def test_a_closed_fence_refuses_every_volume_write(
-    call: Callable[[KubeApi], Coroutine[Any, Any, Any]],
+    call: Callable[[KubeClient], Coroutine[Any, Any, Any]],
 ) -> None:
-    kube = KubeApi(None, qps=1, burst=1, threads=1, fence=Fence())  # type: ignore[arg-type]
+    kube = KubeClient(None, qps=1, burst=1, threads=1, fence=Fence())  # type: ignore[arg-type]
     sent: list[str] = []
 
     async def request(method: str, path: str, *args: Any, **kwargs: Any) -> Any:

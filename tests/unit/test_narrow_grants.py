@@ -23,10 +23,10 @@ import pytest
 import yaml
 
 from provisioner import adoption, core, identity, permissions
+from provisioner.api import JSON
 from provisioner.cache import Cache
 from provisioner.config import LockKind, Settings
 from provisioner.journal import Intent, Owner
-from provisioner.kube import JSON
 from provisioner.metrics import Metrics
 from provisioner.paths import parse_relative
 from provisioner.reconciler import Identity, Reconciler, RetryLater

@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 
 from provisioner import core
+from provisioner.api import JSON, ApiError
 from provisioner.cache import Cache
 from provisioner.config import Settings
-from provisioner.kube import JSON, ApiError
 from provisioner.metrics import Metrics
 from provisioner.reconciler import Identity, Reconciler, RetryLater
 from provisioner.safefs import LocalSyscalls
