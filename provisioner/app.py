@@ -28,7 +28,8 @@ from provisioner.httpserver import Readiness, make_app, serve
 from provisioner.kube import KubeClient, load_api_client
 from provisioner.leader import LeaderElector, LeadershipLost, make_lock
 from provisioner.metrics import Metrics
-from provisioner.reconciler import Identity, Reconciler, gate, resync_forever
+from provisioner.reconciler import Identity, Reconciler
+from provisioner.resync import gate, resync_forever
 from provisioner.safefs import LocalSyscalls, Syscalls
 from provisioner.storage import Storage
 from provisioner.sweep import sweep
@@ -169,7 +170,7 @@ class Provisioner:
             self.reconciler.cluster,
             self.settings.provisioner_name,
         )
-        # The gate: our own complete lists before the first reconcile (see reconciler.gate).
+        # The gate: our own complete lists before the first reconcile (see resync.gate).
         await gate(self.reconciler)
         self.reconciler.lead()  # queue from now on, starting with all the cache gathered
         await asyncio.gather(

@@ -1,9 +1,18 @@
-"""Level-triggered reconcile of claims (provision) and volumes (release).
+"""Level-triggered reconcile of claims (provision) and volumes (release): the executor.
 
-The kopf handlers feed the cache and enqueue keys; the periodic resync enqueues everything. One
-``reconcile`` per key reads the cache, asks ``core`` what to do, performs it through ``storage``
-and ``kube``, and records Events and metrics. Every step is idempotent: the PV name is fixed by the
-claim and delete reads only what the PV recorded, so repeating work after a crash is harmless.
+The kopf handlers feed the cache and enqueue keys; ``resync`` lists and enqueues everything
+periodically. One ``reconcile`` per key reads the cache, asks the pure decision of its kind what
+to do (``provisioning.decide`` for a claim, ``releasing.decide`` for a PV), does it through
+``storage`` and the ``api.KubeApi`` seam, and records Events and metrics. It decides nothing
+itself. Every step is idempotent: the PV name is fixed by the claim and a release reads only
+what the PV recorded, so repeating work after a crash is harmless.
+
+A claim: ``reconcile_claim`` -> ``provisioning.decide`` (ignore, wait or refuse end here) ->
+the directory reserved -> ``_confirmed`` -> ``_provision``: inspect, ``provisioning.decide``
+again with the inspection -> ``_make_directory`` -> ``_save`` (the PV).
+
+A release: ``reconcile_volume`` -> ``releasing.decide`` -> ``_adopt`` or ``_record_policy``
+(then decide again) -> ``_release`` -> ``_apply_on_delete`` -> the PV deleted, finalizer dropped.
 """
 
 from __future__ import annotations
@@ -15,17 +24,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from provisioner import adoption, core, ownership, paths
+from provisioner import adoption, core, ownership, paths, provisioning, releasing
 from provisioner.api import ApiError, Conflict, KubeApi, NotFound, ObjectRef
-from provisioner.cache import Cache, Merged
+from provisioner.cache import Cache
 from provisioner.config import (
-    ClassParameters,
-    OnDelete,
-    ParameterError,
     Settings,
-    parse_class_parameters,
 )
-from provisioner.journal import Intent, Owner
+from provisioner.journal import Owner
 from provisioner.metrics import Metrics
 from provisioner.reservations import Busy
 from provisioner.safefs import Redirected
@@ -36,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 CLAIM = "claim"
 VOLUME = "volume"
+RELEASE_STEPS = 5
+"""Decisions per release: adopt, record the policy (a conflict or two), then act."""
 
 
 class RetryLater(Exception):
@@ -212,54 +219,48 @@ class Reconciler:
         claim = self.cache.claim(uid)
         if claim is None:
             return
-        storage_class = self.cache.storage_class(claim.class_name)
-        volume_exists = self.cache.volume(claim.volume_name_for) is not None
-        decision = core.decide_claim(
-            claim, storage_class, self.settings.provisioner_name, volume_exists
-        )
-        if decision.verdict is core.Verdict.IGNORE:
-            logger.debug("claim %s: ignored: %s", claim.key, decision.reason)
+        plan = provisioning.decide(self._claim_facts(claim))
+        if await self._settled(claim, plan):
             return
-        if decision.verdict is core.Verdict.WAIT:
-            logger.info("claim %s: waiting: %s", claim.key, decision.reason)
-            return
-        assert storage_class is not None  # decide_claim waits when the class is missing
-        if decision.verdict is core.Verdict.REFUSE:
-            await self._refuse(claim, storage_class, decision.reason)
-            return
+        assert plan.directory is not None  # INSPECT names the directory to reserve
+        # The overlap rule cannot see a claim whose PV is not saved yet, nor a release or another
+        # writer at work: the reservation does (nested directories conflict too).
         try:
-            parameters = parse_class_parameters(storage_class.name, storage_class.parameters)
-            directory = paths.claim_dir(
-                parameters.path_pattern,
-                paths.ClaimFields(claim.namespace, claim.name, claim.labels, claim.annotations),
-                claim.volume_name_for,
-            )
-        except (ParameterError, paths.UnsafePathError) as error:
-            await self._refuse(claim, storage_class, f'claim "{claim.key}": {error}')
-            return
-        holders = self.cache.volumes_overlapping(str(directory)) - {claim.volume_name_for}
-        if holders:
-            await self._refuse(
-                claim,
-                storage_class,
-                f'directory "{directory}" is already used by PersistentVolume '
-                f"{', '.join(sorted(holders))} (the same directory, inside it or around it); "
-                "a directory is never shared between claims. Change the pathPattern inputs "
-                "(labels/annotations) or delete the other claim",
-            )
-            return
-        # The overlap rule above cannot see a claim whose PV is not saved yet, nor a release or
-        # another writer at work: the reservation does (nested directories conflict too).
-        try:
-            async with self.storage.reserve(_claim_holder(claim), directory):
+            async with self.storage.reserve(_claim_holder(claim), plan.directory):
                 if delivered or await self._confirmed(claim):
-                    await self._provision(claim, storage_class, directory, parameters)
+                    await self._provision(claim, plan.directory)
         except Busy as error:
             raise RetryLater(f"claim {claim.key}: {error}") from error
         except StorageError as error:  # taking or giving back the export lock failed
-            self.metrics.provision_failed_total.labels(storage_class.name).inc()
-            self._event(claim_ref(claim), "Warning", "ProvisioningFailed", str(error))
+            self._failed(claim, str(error))
             raise RetryLater(f"claim {claim.key}: {error}") from error
+
+    def _claim_facts(
+        self, claim: core.Claim, inspection: ownership.Inspection | None = None
+    ) -> provisioning.ClaimFacts:
+        return provisioning.ClaimFacts(
+            claim=claim,
+            storage_class=self.cache.storage_class(claim.class_name),
+            provisioner_name=self.settings.provisioner_name,
+            volume_exists=self.cache.volume(claim.volume_name_for) is not None,
+            overlapping=self.cache.volumes_overlapping,
+            inspection=inspection,
+            cluster=self.cluster,
+            provisioner_namespace=self.settings.namespace,
+            now=_now(),
+        )
+
+    async def _settled(self, claim: core.Claim, plan: provisioning.ClaimPlan) -> bool:
+        """Carry out a plan that needs no directory (ignore, wait, refuse); False otherwise."""
+        if plan.verdict is provisioning.Verdict.IGNORE:
+            logger.debug("claim %s: ignored: %s", claim.key, plan.reason)
+        elif plan.verdict is provisioning.Verdict.WAIT:
+            logger.info("claim %s: waiting: %s", claim.key, plan.reason)
+        elif plan.verdict is provisioning.Verdict.REFUSE:
+            await self._refuse(claim, plan.reason)
+        else:
+            return False
+        return True
 
     async def _confirmed(self, claim: core.Claim) -> bool:
         """Whether the claim still exists, by GET: a watch gap can leave a deleted claim in the
@@ -278,88 +279,77 @@ class Reconciler:
         self.forget_claim(claim.uid)
         return False
 
-    async def _refuse(self, claim: core.Claim, storage_class: core.StorageClass, why: str) -> None:
+    async def _refuse(self, claim: core.Claim, why: str) -> None:
         """Post the refusal once per claim and reason; only then is it a failed attempt (resyncs
         and watch events that meet the same refusal again count nothing)."""
         if self._refused.get(claim.uid) == why:
             return
         self._refused[claim.uid] = why
-        self.metrics.provision_failed_total.labels(storage_class.name).inc()
+        self.metrics.provision_failed_total.labels(claim.class_name).inc()
         logger.warning("claim %s: refused: %s", claim.key, why)
         self._event(claim_ref(claim), "Warning", "ProvisioningFailed", why)
 
-    async def _provision(
-        self,
-        claim: core.Claim,
-        storage_class: core.StorageClass,
-        directory: paths.RelativeDir,
-        parameters: ClassParameters,
-    ) -> None:
+    def _failed(self, claim: core.Claim, message: str) -> None:
+        """A failed attempt that is retried: counted and reported every time."""
+        self.metrics.provision_failed_total.labels(claim.class_name).inc()
+        self._event(claim_ref(claim), "Warning", "ProvisioningFailed", message)
+
+    async def _provision(self, claim: core.Claim, directory: paths.RelativeDir) -> None:
+        """Under the directory's reservation: inspect it, decide again with what was found,
+        make or reuse the directory, then save the PV."""
         started = time.monotonic()
-        ref = claim_ref(claim)
-        mode = DirOwner(mode=parameters.mode, uid=parameters.uid, gid=parameters.gid)
-        tenant = Owner(
-            cluster=self.cluster,
-            namespace=claim.namespace,
-            provisioner=self.settings.provisioner_name,
-            volume=claim.volume_name_for,
-            since=_now(),
-        )
         try:
             inspection = await self.storage.inspect(directory)
-            decision = ownership.decide(
-                inspection,
-                directory,
-                tenant,
-                default_name=parameters.path_pattern is None,
-                provisioner_namespace=self.settings.namespace,
-            )
-            if decision.plan is ownership.Plan.REFUSE:
-                await self._refuse(claim, storage_class, f'claim "{claim.key}": {decision.reason}')
+            plan = provisioning.decide(self._claim_facts(claim, inspection))
+            if await self._settled(claim, plan):
                 return
-            self._event(
-                ref,
-                "Normal",
-                "Provisioning",
-                f'External provisioner is provisioning volume for claim "{claim.key}"',
-            )
-            created = decision.plan is ownership.Plan.CREATE
-            if created:
-                intent = Intent(
-                    volume=claim.volume_name_for,
-                    namespace=claim.namespace,
-                    claim=claim.name,
-                    claim_uid=claim.uid,
-                    directory=str(directory),
-                    cluster=self.cluster,
-                    provisioner=self.settings.provisioner_name,
-                    since=tenant.since,
-                )
-                await self.storage.create_dir(directory, mode, tenant, intent)
-            else:
-                await self.storage.reuse_dir(directory, mode, tenant if decision.adopt else None)
+            created = await self._make_directory(claim, plan)
         except Redirected as error:
-            await self._refuse(
-                claim, storage_class, f'claim "{claim.key}": directory "{directory}": {error}'
-            )
+            await self._refuse(claim, provisioning.redirected(claim, directory, error))
             return
         except StorageError as error:
-            self.metrics.provision_failed_total.labels(storage_class.name).inc()
-            self._event(ref, "Warning", "ProvisioningFailed", str(error))
+            self._failed(claim, str(error))
             raise RetryLater(f"claim {claim.key}: {error}") from error
-        if not created:
-            self._event(
-                ref,
-                "Normal",
-                "Provisioning",
-                f'Reusing existing directory "{directory}" on the export: no PersistentVolume '
-                f"records it, and {decision.reason}",
-            )
+        await self._save(claim, plan, created, started)
+
+    async def _make_directory(self, claim: core.Claim, plan: provisioning.ClaimPlan) -> bool:
+        """Create the directory (True) or reuse the one found (False), as ``plan`` says."""
+        assert plan.directory is not None and plan.parameters is not None
+        ref = claim_ref(claim)
+        mode = DirOwner(plan.parameters.mode, plan.parameters.uid, plan.parameters.gid)
+        self._event(
+            ref,
+            "Normal",
+            "Provisioning",
+            f'External provisioner is provisioning volume for claim "{claim.key}"',
+        )
+        if plan.verdict is provisioning.Verdict.CREATE:
+            assert plan.tenant is not None
+            intent = provisioning.intent(claim, plan)
+            await self.storage.create_dir(plan.directory, mode, plan.tenant, intent)
+            return True
+        await self.storage.reuse_dir(plan.directory, mode, plan.tenant if plan.adopt else None)
+        self._event(
+            ref,
+            "Normal",
+            "Provisioning",
+            f'Reusing existing directory "{plan.directory}" on the export: no PersistentVolume '
+            f"records it, and {plan.reason}",
+        )
+        return False
+
+    async def _save(
+        self, claim: core.Claim, plan: provisioning.ClaimPlan, created: bool, started: float
+    ) -> None:
+        """Write the PV (or find the one an earlier attempt wrote); undo a directory made for a
+        claim that went away meanwhile."""
+        assert plan.directory is not None and plan.parameters is not None
+        assert plan.storage_class is not None
         body = core.build_volume(
             claim,
-            storage_class,
-            directory,
-            parameters.on_delete,
+            plan.storage_class,
+            plan.directory,
+            plan.parameters.on_delete,
             self.export,
             self.settings.provisioner_name,
             finalizer=self.patch_volumes,
@@ -367,10 +357,10 @@ class Reconciler:
         try:
             saved = await self._save_volume(claim, body)
         except (ApiError, RetryLater) as error:
-            self.metrics.provision_failed_total.labels(storage_class.name).inc()
-            await self._undo_if_claim_gone(claim, directory, created)
+            self.metrics.provision_failed_total.labels(claim.class_name).inc()
+            await self._undo_if_claim_gone(claim, plan.directory, created)
             self._event(
-                ref,
+                claim_ref(claim),
                 "Warning",
                 "ProvisioningFailed",
                 f"Error creating PersistentVolume {claim.volume_name_for} for claim "
@@ -382,19 +372,17 @@ class Reconciler:
         # and crashed before the PV was saved.
         await self._clear_intent(claim)
         self._refused.pop(claim.uid, None)
-        self.metrics.provision_total.labels(storage_class.name).inc()
-        self.metrics.provision_duration.labels(storage_class.name).observe(
-            time.monotonic() - started
-        )
+        self.metrics.provision_total.labels(claim.class_name).inc()
+        self.metrics.provision_duration.labels(claim.class_name).observe(time.monotonic() - started)
         logger.info(
             "claim %s: provisioned volume %s in directory %s (%s)",
             claim.key,
             claim.volume_name_for,
-            directory,
+            plan.directory,
             "created" if created else "reused",
         )
         self._event(
-            ref,
+            claim_ref(claim),
             "Normal",
             "ProvisioningSucceeded",
             f"Successfully provisioned volume {claim.volume_name_for}",
@@ -457,102 +445,97 @@ class Reconciler:
             return
         if volume.uid in self._unrecorded:
             volume = core.with_annotations(volume, self._unrecorded[volume.uid][1])
-        standing = adoption.standing(volume, self.settings.provisioner_name)
-        if standing is adoption.Standing.NOT_ADOPTED:
-            logger.debug("volume %s: ignored: not adopted: %s", name, volume.not_adopted)
-            return
-        if standing is adoption.Standing.ADOPT:
-            adopted = await self._adopt(volume)
-            if adopted is None:
+        started = time.monotonic()
+        # Adoption and recording an adopted PV's policy change the PV: decide again after each.
+        for _step in range(RELEASE_STEPS):
+            plan = releasing.decide(self._volume_facts(volume))
+            if plan.step is releasing.Step.ADOPT:
+                assert plan.located is not None
+                changed = await self._adopt(volume, plan.located)
+            elif plan.step is releasing.Step.RECORD_POLICY:
+                assert plan.policy is not None
+                changed = await self._record_policy(volume, plan.policy)
+            else:
+                await self._release(volume, plan, started)
                 return
-            volume = adopted
-        decision = core.decide_volume(volume, self.settings.provisioner_name)
-        if decision.action is core.VolumeAction.IGNORE:
-            logger.debug("volume %s: ignored: %s", name, decision.reason)
+            if changed is None:
+                return
+            volume = changed
+        raise RetryLater(f"volume {name}: gone or changing while recording its policy")
+
+    def _volume_facts(self, volume: core.Volume) -> releasing.VolumeFacts:
+        return releasing.VolumeFacts(
+            volume=volume,
+            provisioner_name=self.settings.provisioner_name,
+            export=self.export,
+            storage_class=self.cache.storage_class(volume.storage_class),
+            overlapping=self.cache.volumes_overlapping,
+        )
+
+    async def _release(
+        self, volume: core.Volume, plan: releasing.ReleasePlan, started: float
+    ) -> None:
+        """Carry out a release step: nothing, a refused adoption, the finalizer alone (Retain),
+        or the directory's policy, then the PV deleted and our finalizer dropped."""
+        if plan.step is releasing.Step.IGNORE:
+            logger.debug("volume %s: ignored: %s", volume.name, plan.reason)
+            return
+        if plan.step is releasing.Step.REFUSE_ADOPTION:
+            assert plan.refusal is not None
+            await self._refuse_adoption(volume, plan.refusal)
             return
         ref = volume_ref(volume)
-        if decision.action is core.VolumeAction.RELEASE_FINALIZER:
+        if plan.step is releasing.Step.DROP_FINALIZER:
             await self._drop_finalizer(volume)
-            self._event(ref, "Normal", "VolumeRetained", decision.reason)
+            self._event(ref, "Normal", "VolumeRetained", plan.reason)
             return
-        started = time.monotonic()
         try:
-            outcome = await self._apply_on_delete(volume)
+            outcome = await self._apply_on_delete(volume, plan)
         except Busy as error:
-            raise RetryLater(f"volume {name}: {error}") from error
+            raise RetryLater(f"volume {volume.name}: {error}") from error
         except (StorageError, paths.UnsafePathError, core.ReleaseRefused, Redirected) as error:
             self.metrics.delete_failed_total.labels(volume.storage_class).inc()
             self._event(ref, "Warning", "VolumeFailedDelete", str(error))
-            raise RetryLater(f"volume {name}: {error}") from error
+            raise RetryLater(f"volume {volume.name}: {error}") from error
         self._event(ref, outcome.event_type, outcome.reason, outcome.message)
         if not volume.deleting:
-            deleted = await self.kube.delete_volume(name, volume.uid)
+            deleted = await self.kube.delete_volume(volume.name, volume.uid)
             if deleted is not None:
                 volume = core.volume_from(deleted)
         await self._drop_finalizer(volume)
-        self._released.add(name)
+        self._released.add(volume.name)
         self.metrics.delete_total.labels(volume.storage_class).inc()
         self.metrics.delete_duration.labels(volume.storage_class).observe(
             time.monotonic() - started
         )
-        logger.info("volume %s: released: %s", name, outcome.message)
+        logger.info("volume %s: released: %s", volume.name, outcome.message)
 
-    async def _apply_on_delete(self, volume: core.Volume) -> core.ReleaseOutcome:
-        directory = core.recorded_directory(volume, self.export.path)
-        basis, event_type = "", "Normal"
-        if volume.adopted is not None:
-            # The previous provisioner's rules: the class decides at the first release attempt,
-            # recorded so that retries apply the same policy (adoption.legacy_policy).
-            if volume.on_delete is None:
-                volume = await self._record_legacy_policy(volume)
-            basis, event_type = adoption.release_note(volume.on_delete_basis)
-        policy = core.recorded_on_delete(volume)
-        if policy is OnDelete.RETAIN:
-            kept = basis or " (onDelete: retain)"
-            return core.ReleaseOutcome(
-                "VolumeRetained", f'Directory "{directory}" kept{kept}', event_type
-            )
-        if volume.adopted is not None:
-            overlap = adoption.overlap_refusal(
-                volume, directory, self.cache.volumes_overlapping(str(directory))
-            )
-            if overlap is not None:
-                raise core.ReleaseRefused(overlap)
-        if policy is OnDelete.DELETE:
+    async def _apply_on_delete(
+        self, volume: core.Volume, plan: releasing.ReleasePlan
+    ) -> core.ReleaseOutcome:
+        if plan.step is releasing.Step.REFUSE:
+            raise core.ReleaseRefused(plan.reason)
+        if plan.step is releasing.Step.RETAIN:
+            return releasing.retained(plan)
+        directory = plan.directory
+        assert directory is not None
+        if plan.step is releasing.Step.DELETE:
             existed = await self.storage.remove_dir(directory, volume.name)
             if not existed:
                 logger.warning(
                     "volume %s: directory %s was already missing", volume.name, directory
                 )
-                return core.ReleaseOutcome(
-                    "VolumeDeleted",
-                    f'Directory "{directory}" was already missing; nothing to delete{basis}',
-                    event_type,
-                )
-            return core.ReleaseOutcome(
-                "VolumeDeleted", f'Directory "{directory}" deleted{basis}', event_type
-            )
-        archived = await self.storage.archive_dir(directory, volume.name)
-        if archived is None:
+            return releasing.deleted(plan, existed)
+        archive = await self.storage.archive_dir(directory, volume.name)
+        if archive is None:
             logger.warning("volume %s: directory %s was already missing", volume.name, directory)
-            return core.ReleaseOutcome(
-                "VolumeArchived",
-                f'Directory "{directory}" was already missing; nothing to archive{basis}',
-                event_type,
-            )
-        return core.ReleaseOutcome(
-            "VolumeArchived", f'Directory "{directory}" archived as "{archived}"{basis}', event_type
-        )
+        return releasing.archived(plan, archive)
 
     # --- volumes: adoption of the previous provisioner's ----------------------------------------
 
-    async def _adopt(self, volume: core.Volume) -> core.Volume | None:
+    async def _adopt(self, volume: core.Volume, located: adoption.Located) -> core.Volume | None:
         """Record a PV of the previous provisioner as ours (adoption.py), once; None when it
         was refused (one Warning, then left alone) or is gone."""
-        located = adoption.locate(volume, self.export)
-        if isinstance(located, adoption.Refusal):
-            await self._refuse_adoption(volume, located)
-            return None
         directory = located.directory
         holder = f"the adoption of PersistentVolume {volume.name}"
         try:
@@ -602,45 +585,30 @@ class Reconciler:
             adoption.refusal_message(volume, refusal),
         )
 
-    async def _record_legacy_policy(self, volume: core.Volume) -> core.Volume:
-        """Resolve an adopted PV's policy from its StorageClass as it is now, and record it.
-
-        The PV often changes under us right then (the PV controller marks it Released): a
-        conflict re-reads it and tries again, unless the policy got recorded meanwhile or the PV
-        no longer needs cleaning (then the whole reconcile decides again)."""
-        for _attempt in range(3):
-            policy = adoption.legacy_policy(
-                volume.storage_class, self.cache.storage_class(volume.storage_class)
-            )
-            if not self.patch_volumes:
-                recorded = self._keep_unrecorded(volume, adoption.policy_patch(volume, policy))
-                logger.info(
-                    "volume %s: on-delete %s: %s", volume.name, policy.on_delete, policy.basis
-                )
-                return recorded
+    async def _record_policy(
+        self, volume: core.Volume, policy: adoption.LegacyPolicy
+    ) -> core.Volume | None:
+        """Record the policy an adopted PV gets (resolved from its StorageClass as it is now) so
+        every retry applies the same one. The PV often changes under us right then (the PV
+        controller marks it Released): a conflict re-reads it, and the release decides again;
+        None when the PV is gone."""
+        patch = adoption.policy_patch(volume, policy)
+        if not self.patch_volumes:
+            recorded: core.Volume | None = self._keep_unrecorded(volume, patch)
+        else:
             try:
-                saved = await self.kube.patch_volume(
-                    volume.name, adoption.policy_patch(volume, policy)
-                )
+                recorded = core.volume_from(await self.kube.patch_volume(volume.name, patch))
             except Conflict:
                 fresh = await self.kube.get_volume(volume.name)
-                if fresh is None:
-                    break
-                volume = core.volume_from(fresh)
-                self.cache.put_volume(volume)
-                decision = core.decide_volume(volume, self.settings.provisioner_name)
-                if decision.action is not core.VolumeAction.CLEAN:
-                    raise RetryLater(f"volume {volume.name}: changed; deciding again") from None
-                if volume.on_delete is not None:
-                    return volume
-                continue
+                recorded = None if fresh is None else core.volume_from(fresh)
+                if recorded is not None:
+                    self.cache.put_volume(recorded)
+                return recorded
             except NotFound:
-                break
-            recorded = core.volume_from(saved)
+                return None
             self.cache.put_volume(recorded)
-            logger.info("volume %s: on-delete %s: %s", volume.name, policy.on_delete, policy.basis)
-            return recorded
-        raise RetryLater(f"volume {volume.name}: gone or changing while recording its policy")
+        logger.info("volume %s: on-delete %s: %s", volume.name, policy.on_delete, policy.basis)
+        return recorded
 
     async def _record(self, volume: core.Volume, patch: dict[str, Any]) -> core.Volume | None:
         """Record ``patch`` (our annotations) on the PV, or in memory when PVs may not be
@@ -677,112 +645,3 @@ class Reconciler:
         """Remove our finalizer: one request, whatever changed since the PV was read."""
         if core.FINALIZER in volume.finalizers:
             await self.kube.remove_volume_finalizer(volume.name, core.FINALIZER, volume.uid)
-
-
-async def relist(reconciler: Reconciler) -> tuple[Merged, Merged, Merged]:
-    """Complete lists of claims, PVs and StorageClasses, merged into the cache.
-
-    ``cache.plan_merge`` keeps the newer version of each object, and drops what the lists prove
-    gone: objects deleted during a watch gap, which kopf's re-list after 410 Gone never reports.
-    Those are forgotten by the reconciler too. Returns the merges of claims, PVs and classes.
-    """
-    kube, cache = reconciler.kube, reconciler.cache
-    claims, claims_version = await kube.list_claims_versioned()
-    volumes, volumes_version = await kube.list_volumes_versioned()
-    classes, classes_version = await kube.list_classes_versioned()
-    merged_claims = cache.merge_claims(claims, claims_version)
-    merged_volumes = cache.merge_volumes(volumes, volumes_version)
-    merged_classes = cache.merge_classes(
-        ((core.storage_class_from(body), core.resource_version(body)) for body in classes),
-        classes_version,
-    )
-    for uid in merged_claims.dropped:
-        logger.info("claim uid %s: absent from the list; dropped from the cache", uid)
-        reconciler.forget_claim(uid)
-    for name in merged_volumes.dropped:
-        logger.info("volume %s: absent from the list; dropped from the cache", name)
-        reconciler.forget_volume(name)
-    return merged_claims, merged_volumes, merged_classes
-
-
-def _counts(merges: tuple[Merged, Merged, Merged]) -> str:
-    claims, volumes, classes = merges
-    return (
-        f"listed {claims.listed} claims, {volumes.listed} PersistentVolumes and "
-        f"{classes.listed} StorageClasses; dropped {len(claims.dropped)} claims, "
-        f"{len(volumes.dropped)} PersistentVolumes and {len(classes.dropped)} StorageClasses "
-        "deleted while unwatched"
-    )
-
-
-async def gate(reconciler: Reconciler) -> None:
-    """Hold the leader's first reconcile until complete lists are in the cache (SPEC §4).
-
-    Our equivalent of kopf's index gate (kopf holds handlers until every ``@kopf.index`` has
-    its first list; our reconciles are not kopf handlers). kopf lists claims, PVs and classes in
-    independent watches, so without it a claim could be reconciled before the PV that owns its
-    directory is known. Retried with backoff until the lists succeed: nothing is reconciled
-    until then.
-    """
-    delay = reconciler.settings.backoff_base
-    while True:
-        reconciler.relist_wanted.clear()  # this list covers kopf's lists so far
-        try:
-            merges = await relist(reconciler)
-        except Exception as error:  # a bug must not end leadership silently: logged, retried
-            logger.warning(
-                "start-up gate: cannot list claims, PersistentVolumes and StorageClasses: %s; "
-                "nothing is reconciled until they are listed; retrying in %.1f s",
-                error,
-                delay,
-                exc_info=not isinstance(error, ApiError),
-            )
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, reconciler.settings.backoff_max)
-            continue
-        logger.info("start-up gate: %s; reconciling", _counts(merges))
-        return
-
-
-RELIST_SETTLE = 5.0
-"""Seconds between kopf's first re-listed object and our own list: let its list finish."""
-
-
-async def resync_forever(reconciler: Reconciler, period: float) -> None:
-    """The operator-level periodic resync: fresh lists prune what a watch gap left behind, then
-    every object goes through the same reconcile again. Between resyncs, a re-list by kopf (after
-    410 Gone) triggers a list-and-prune of our own a few seconds later."""
-    loop = asyncio.get_running_loop()
-    due = loop.time() + period
-    while True:
-        try:
-            await asyncio.wait_for(reconciler.relist_wanted.wait(), max(0.0, due - loop.time()))
-        except TimeoutError:
-            await _resync(reconciler)
-            due = loop.time() + period
-            continue
-        await asyncio.sleep(RELIST_SETTLE)
-        reconciler.relist_wanted.clear()
-        try:
-            logger.info("watch re-listed: %s", _counts(await relist(reconciler)))
-        except Exception as error:  # the next resync lists again
-            logger.warning(
-                "watch re-listed, but cannot list (%s); pruning at the next resync",
-                error,
-                exc_info=not isinstance(error, ApiError),
-            )
-
-
-async def _resync(reconciler: Reconciler) -> None:
-    reconciler.relist_wanted.clear()
-    try:
-        logger.info("resync: %s", _counts(await relist(reconciler)))
-    except Exception as error:  # the resync goes on without the lists
-        logger.warning(
-            "resync: cannot list (%s); re-queueing what the cache holds",
-            error,
-            exc_info=not isinstance(error, ApiError),
-        )
-    claims, volumes = reconciler.cache.counts()
-    logger.info("resync: re-queueing %d claims and %d volumes", claims, volumes)
-    reconciler.resync()

@@ -271,7 +271,7 @@ class Provisioner:
         """Start; return once it leads, has reconciled what exists, and has gone quiet."""
         self._spawn(timeout)
         # kopf's own first lists arrive around the gate; the reconciler then lists again
-        # (reconciler.RELIST_SETTLE, 5 s, later: "watch re-listed"). That is start-up too.
+        # (resync.RELIST_SETTLE, 5 s, later: "watch re-listed"). That is start-up too.
         gate = time.time()
         while "watch re-listed" not in self.text() and time.time() < gate + STARTUP_RELIST:
             time.sleep(0.1)
