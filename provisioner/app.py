@@ -19,7 +19,7 @@ from typing import TypeVar
 
 import kopf
 
-from provisioner import core, handlers, permissions
+from provisioner import core, handlers, kopfcompat, permissions
 from provisioner.api import ApiError, ObjectRef
 from provisioner.cache import Cache
 from provisioner.config import Settings
@@ -277,7 +277,7 @@ class Provisioner:
                 clusterwide=True,
                 stop_flag=stop,
                 ready_flag=ready,
-                memories=handlers.Memoryless(),
+                memories=kopfcompat.memories(),
             )
         finally:
             await self._stop_leading(tasks)

@@ -5,7 +5,8 @@ it stores nothing on the watched objects (no annotations, no finalizers), so use
 nothing of ours but Events. All decisions happen in the reconciler, level-triggered. DELETED
 events leave tombstones in the cache, so a list taken before them cannot bring the object back.
 The handlers read the raw event's plain dict, not kopf's ``Body`` view: every field read through
-the view costs a lookup chain, on every event of every claim and PV of the cluster.
+the view costs a lookup chain, on every event of every claim and PV of the cluster. Only kopf's
+public API is used here; the one private part we rely on is in ``kopfcompat``.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ from collections.abc import Iterable
 from typing import Any
 
 import kopf
-from kopf._cogs.structs import bodies, ephemera
-from kopf._core.reactor import inventory
 
 from provisioner import core
 from provisioner.reconciler import Reconciler
@@ -42,25 +41,6 @@ class NoDiffBase(kopf.DiffBaseStorage):
 
     def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
         return None
-
-
-class Memoryless(inventory.ResourceMemories):
-    """Remembers nothing per object. kopf keeps a ResourceMemory for the uid of every object it
-    watches (memo, error throttler, index and daemon state), for every claim and PV of the
-    cluster; change handlers, daemons and indices read it, ``@kopf.on.event`` handlers none of
-    it. Ephemeral memories are kopf's own (its admission webhooks use them)."""
-
-    async def recall(
-        self,
-        raw_body: bodies.RawBody,
-        *,
-        memobase: ephemera.AnyMemo | None = None,
-        noticed_by_listing: bool = False,
-        ephemeral: bool = False,
-    ) -> inventory.ResourceMemory:
-        return await super().recall(
-            raw_body, memobase=memobase, noticed_by_listing=noticed_by_listing, ephemeral=True
-        )
 
 
 def configure(settings: kopf.OperatorSettings) -> None:
