@@ -75,16 +75,7 @@ class Provisioner:
             event_burst=settings.event_burst,
             on_event_dropped=self.metrics.event_dropped,
         )
-        # The pool is larger than the number of workers so that calls stuck on a hung mount
-        # (which keep their thread after the timeout) leave room for the others.
-        self.storage = Storage(
-            Path(settings.mount_path),
-            calls or LocalSyscalls(),
-            timeout=settings.fs_timeout,
-            max_threads=settings.workers * 2 + 4,
-            observe=self.metrics.observe_fs,
-            fence=self.fence,
-        )
+        self.storage = self._storage(calls or LocalSyscalls())
         self.cache = Cache(core.Export(settings.nfs_server, settings.nfs_path))
         self.reconciler = Reconciler(
             settings,
@@ -99,27 +90,43 @@ class Provisioner:
         self.readiness = Readiness(self.storage.check_writable)
         self.exit_code = 0
         self._stepping_down: asyncio.Task[None] | None = None
-        # Election traffic has its own client and pace, so a busy reconciler never delays a
-        # renewal past the renew deadline.
         self.election_kube: KubeClient | None = None
         self.elector: LeaderElector | None = None
         if settings.leader_election:
-            self.election_kube = KubeClient(
-                load_api_client(pool_size=2),
-                qps=10,
-                burst=10,
-                threads=2,
-                timeout=5,
-                on_event_dropped=self.metrics.event_dropped,
-            )
-            self.elector = LeaderElector(
-                make_lock(self.election_kube, settings),
-                self.identity,
-                settings,
-                announce=self._announce,
-                on_change=lambda leading: self.metrics.leader.set(1 if leading else 0),
-                fence=self.fence,
-            )
+            self.election_kube, self.elector = self._election()
+
+    def _storage(self, calls: Syscalls) -> Storage:
+        # The pool is larger than the number of workers so that calls stuck on a hung mount
+        # (which keep their thread after the timeout) leave room for the others.
+        return Storage(
+            Path(self.settings.mount_path),
+            calls,
+            timeout=self.settings.fs_timeout,
+            max_threads=self.settings.workers * 2 + 4,
+            observe=self.metrics.observe_fs,
+            fence=self.fence,
+        )
+
+    def _election(self) -> tuple[KubeClient, LeaderElector]:
+        """Election traffic has its own client and pace, so a busy reconciler never delays a
+        renewal past the renew deadline."""
+        client = KubeClient(
+            load_api_client(pool_size=2),
+            qps=10,
+            burst=10,
+            threads=2,
+            timeout=5,
+            on_event_dropped=self.metrics.event_dropped,
+        )
+        elector = LeaderElector(
+            make_lock(client, self.settings),
+            self.identity,
+            self.settings,
+            announce=self._announce,
+            on_change=lambda leading: self.metrics.leader.set(1 if leading else 0),
+            fence=self.fence,
+        )
+        return client, elector
 
     async def _announce(self, ref: ObjectRef, message: str) -> None:
         assert self.election_kube is not None

@@ -257,30 +257,93 @@ def _http_address(raw: str) -> tuple[str, int]:
     return (host.strip("[]") or "0.0.0.0"), int(port)  # noqa: S104 - documented default
 
 
+class _Values:
+    """The raw settings (flags over environment), read by key with one error wording."""
+
+    def __init__(self, raw: dict[str, str | None]) -> None:
+        self.raw = raw
+
+    def __getitem__(self, key: str) -> str | None:
+        return self.raw[key]
+
+    def number(self, key: str, accepted: str = "a positive number of seconds") -> float:
+        return _parse(key, self.raw[key] or "", _positive_float, accepted)
+
+    def integer(self, key: str) -> int:
+        return _parse(key, self.raw[key] or "", _positive_int, "a positive whole number")
+
+
 def load_settings(
     argv: Sequence[str],
     env: Mapping[str, str],
     read_sa_namespace: Callable[[], str | None] = lambda: None,
 ) -> tuple[str, Settings]:
-    """Parse flags and environment into ``(command, Settings)``; raise ``ConfigError``."""
+    """Parse flags and environment into ``(command, Settings)``; raise ``ConfigError``.
+
+    Checked in this order, the first mistake is the one reported: the provisioner's name, the
+    export, leader election, the namespace, the lease timings, HTTP, logging, retries."""
     args = build_arg_parser().parse_args(list(argv))
-    values = _raw_values(args, env)
+    values = _Values(_raw_values(args, env))
+    name = _provisioner_name(values)
+    server, nfs_path, mount_path = _export(values)
+    leader, lock = _election(values, name)
+    namespace = values["POD_NAMESPACE"] or read_sa_namespace() or "default"
+    if not _DNS_SUBDOMAIN.match(namespace) or len(namespace) > 63:
+        raise ConfigError(f'POD_NAMESPACE="{namespace}" is invalid; expected a namespace name')
+    lease, renew, retry = _lease_timings(values)
+    host, port = _http_address(values["HTTP_ADDRESS"] or "0.0.0.0:8080")
+    log_format, log_level = _logging(values)
+    backoff_base, backoff_max = _backoff(values)
+    settings = Settings(
+        provisioner_name=name,
+        nfs_server=server,
+        nfs_path=nfs_path,
+        mount_path=mount_path,
+        leader_election=leader,
+        lock_kind=lock,
+        namespace=namespace,
+        lease_duration=lease,
+        renew_deadline=renew,
+        retry_period=retry,
+        http_host=host,
+        http_port=port,
+        client_qps=values.number("KUBE_API_QPS", "a positive number"),
+        client_burst=values.integer("KUBE_API_BURST"),
+        event_qps=values.number("EVENTS_QPS", "a positive number"),
+        event_burst=values.integer("EVENTS_BURST"),
+        workers=values.integer("WORKERS"),
+        resync_period=values.number("RESYNC_PERIOD"),
+        fs_timeout=values.number("FS_TIMEOUT"),
+        backoff_base=backoff_base,
+        backoff_max=backoff_max,
+        log_format=log_format,
+        log_level=log_level,
+    )
+    return args.command, settings
+
+
+def _provisioner_name(values: _Values) -> str:
     name = _required(
-        values, "PROVISIONER_NAME", "the StorageClass provisioner, e.g. example.com/nfs"
+        values.raw, "PROVISIONER_NAME", "the StorageClass provisioner, e.g. example.com/nfs"
     )
     if len(name) > 253 or not _PROVISIONER.match(name):
         raise ConfigError(
             f'PROVISIONER_NAME="{name}" is invalid; use letters, digits, ".", "-", "_" and "/" '
             "(for example k8s-sigs.io/nfs-subdir-external-provisioner)"
         )
-    server = _required(values, "NFS_SERVER", "the NFS server's host name or IP, e.g. 10.0.0.5")
+    return name
+
+
+def _export(values: _Values) -> tuple[str, str, str]:
+    """NFS_SERVER, NFS_PATH and NFS_MOUNT_PATH."""
+    server = _required(values.raw, "NFS_SERVER", "the NFS server's host name or IP, e.g. 10.0.0.5")
     if not _HOSTNAME.match(server):
         raise ConfigError(
             f'NFS_SERVER="{server}" is invalid; expected a host name or an IP address'
         )
     nfs_path = _absolute_path(
         "NFS_PATH",
-        _required(values, "NFS_PATH", "the exported directory, e.g. /exports"),
+        _required(values.raw, "NFS_PATH", "the exported directory, e.g. /exports"),
         "/exports",
     )
     mount_path = _absolute_path(
@@ -288,6 +351,11 @@ def load_settings(
     )
     if mount_path == "/":
         raise ConfigError('NFS_MOUNT_PATH="/" is invalid; mount the export on its own directory')
+    return server, nfs_path, mount_path
+
+
+def _election(values: _Values, name: str) -> tuple[bool, LockKind]:
+    """ENABLE_LEADER_ELECTION and LEADER_ELECTION_LOCK, and the lock name ``name`` gives."""
     leader = _parse(
         "ENABLE_LEADER_ELECTION",
         values["ENABLE_LEADER_ELECTION"] or "true",
@@ -309,23 +377,22 @@ def load_settings(
             "starting and ending with a letter or digit (for example example.com/nfs); or set "
             "ENABLE_LEADER_ELECTION=false"
         )
-    namespace = values["POD_NAMESPACE"] or read_sa_namespace() or "default"
-    if not _DNS_SUBDOMAIN.match(namespace) or len(namespace) > 63:
-        raise ConfigError(f'POD_NAMESPACE="{namespace}" is invalid; expected a namespace name')
+    return leader, lock
 
-    def number(key: str, accepted: str = "a positive number of seconds") -> float:
-        return _parse(key, values[key] or "", _positive_float, accepted)
 
-    def integer(key: str) -> int:
-        return _parse(key, values[key] or "", _positive_int, "a positive whole number")
-
-    lease, renew, retry = number("LEASE_DURATION"), number("RENEW_DEADLINE"), number("RETRY_PERIOD")
+def _lease_timings(values: _Values) -> tuple[float, float, float]:
+    lease = values.number("LEASE_DURATION")
+    renew = values.number("RENEW_DEADLINE")
+    retry = values.number("RETRY_PERIOD")
     if not lease > renew > retry * 1.2:
         raise ConfigError(
             f"LEASE_DURATION={lease:g}, RENEW_DEADLINE={renew:g}, RETRY_PERIOD={retry:g} are "
             "inconsistent; expected LEASE_DURATION > RENEW_DEADLINE > 1.2 x RETRY_PERIOD"
         )
-    host, port = _http_address(values["HTTP_ADDRESS"] or "0.0.0.0:8080")
+    return lease, renew, retry
+
+
+def _logging(values: _Values) -> tuple[str, str]:
     log_format = (values["LOG_FORMAT"] or "text").lower()
     if log_format not in {"text", "json"}:
         raise ConfigError(f'LOG_FORMAT="{values["LOG_FORMAT"]}" is invalid; expected text or json')
@@ -334,38 +401,18 @@ def load_settings(
         raise ConfigError(
             f'LOG_LEVEL="{values["LOG_LEVEL"]}" is invalid; expected DEBUG, INFO, WARNING or ERROR'
         )
-    backoff_base, backoff_max = number("RETRY_BACKOFF_BASE"), number("RETRY_BACKOFF_MAX")
+    return log_format, log_level
+
+
+def _backoff(values: _Values) -> tuple[float, float]:
+    backoff_base = values.number("RETRY_BACKOFF_BASE")
+    backoff_max = values.number("RETRY_BACKOFF_MAX")
     if backoff_max < backoff_base:
         raise ConfigError(
             f'RETRY_BACKOFF_MAX="{values["RETRY_BACKOFF_MAX"]}" is invalid; it must be at least '
             f"RETRY_BACKOFF_BASE ({backoff_base:g})"
         )
-    settings = Settings(
-        provisioner_name=name,
-        nfs_server=server,
-        nfs_path=nfs_path,
-        mount_path=mount_path,
-        leader_election=leader,
-        lock_kind=lock,
-        namespace=namespace,
-        lease_duration=lease,
-        renew_deadline=renew,
-        retry_period=retry,
-        http_host=host,
-        http_port=port,
-        client_qps=number("KUBE_API_QPS", "a positive number"),
-        client_burst=integer("KUBE_API_BURST"),
-        event_qps=number("EVENTS_QPS", "a positive number"),
-        event_burst=integer("EVENTS_BURST"),
-        workers=integer("WORKERS"),
-        resync_period=number("RESYNC_PERIOD"),
-        fs_timeout=number("FS_TIMEOUT"),
-        backoff_base=backoff_base,
-        backoff_max=backoff_max,
-        log_format=log_format,
-        log_level=log_level,
-    )
-    return args.command, settings
+    return backoff_base, backoff_max
 
 
 @dataclass(frozen=True)

@@ -105,6 +105,16 @@ def decide(
     """
     shown = _quote(str(directory))
     hint = handover_hint(str(directory), tenant.namespace, provisioner_namespace)
+    refused = _around(inspection, shown, tenant, hint)
+    if refused is not None:
+        return refused
+    if not inspection.exists:
+        return Decision(Plan.CREATE, "the directory does not exist yet")
+    return _existing(inspection, directory, tenant, default_name, shown, hint)
+
+
+def _around(inspection: Inspection, shown: str, tenant: Owner, hint: str) -> Decision | None:
+    """A release under way on these paths, or a parent that belongs to another namespace."""
     if inspection.operations:
         return Decision(
             Plan.REFUSE,
@@ -121,8 +131,18 @@ def decide(
                 f"{above.describe()}; a claim never gets a directory inside another "
                 f"namespace's. Change the pathPattern inputs (labels/annotations). {hint}",
             )
-    if not inspection.exists:
-        return Decision(Plan.CREATE, "the directory does not exist yet")
+    return None
+
+
+def _existing(
+    inspection: Inspection,
+    directory: RelativeDir,
+    tenant: Owner,
+    default_name: bool,
+    shown: str,
+    hint: str,
+) -> Decision:
+    """The directory exists: reuse it for its own namespace, adopt it, or refuse."""
     owner = inspection.leaf_owner
     if owner is not None and not owner.same_tenant(tenant):
         return Decision(
