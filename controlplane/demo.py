@@ -21,7 +21,8 @@ from typing import TypeVar
 
 import yaml
 
-from controlplane.runner import ControlPlane, kubectl_binary, resolve_binaries
+from controlplane.binaries import kubectl_binary, resolve_binaries
+from controlplane.runner import ControlPlane
 
 REPO = Path(__file__).resolve().parents[1]
 T = TypeVar("T")

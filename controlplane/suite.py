@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from controlplane.node import Image, Node, busybox_layer, write_images_archive
+from controlplane.node import Node
+from controlplane.ocipack import Image, busybox_layer, write_images_archive
 
 BUSYBOX = "registry.k8s.io/e2e-test-images/busybox:1.37.0-1"
 AGNHOST = "registry.k8s.io/e2e-test-images/agnhost:2.63.0"

@@ -6,7 +6,8 @@ from collections.abc import Generator, Iterator
 
 import pytest
 
-from controlplane.runner import ControlPlane, resolve_binaries
+from controlplane.binaries import resolve_binaries
+from controlplane.runner import ControlPlane
 
 CONTROL_PLANE = pytest.StashKey[ControlPlane]()
 

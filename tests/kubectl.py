@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from controlplane.runner import kubectl_binary
+from controlplane.binaries import kubectl_binary
 
 
 class KubectlError(subprocess.CalledProcessError):

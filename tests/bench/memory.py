@@ -30,12 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from controlplane.runner import (
-    KUBE_CONTROLLER_MANAGER,
-    ControlPlane,
-    free_port,
-    resolve_binaries,
-)
+from controlplane.binaries import KUBE_CONTROLLER_MANAGER, resolve_binaries
+from controlplane.processes import free_port
+from controlplane.runner import ControlPlane
 from tests.bench.rawapi import JSON, RawApi, kubectl
 
 REPO = Path(__file__).resolve().parents[2]

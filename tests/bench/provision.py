@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from controlplane.runner import ControlPlane, pinned_versions, resolve_binaries
+from controlplane.binaries import pinned_versions, resolve_binaries
+from controlplane.runner import ControlPlane
 from provisioner.core import FINALIZER
 from tests.bench import audit, bare, ceiling, cpu
 from tests.bench.rawapi import JSON, RawApi, kubectl

@@ -18,7 +18,8 @@ from urllib.parse import urlencode
 
 import kubernetes.client
 
-from controlplane.runner import ControlPlane, kubectl_binary
+from controlplane.binaries import kubectl_binary
+from controlplane.runner import ControlPlane
 from provisioner.kube import load_api_client
 
 JSON = dict[str, Any]

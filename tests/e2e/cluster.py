@@ -24,8 +24,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from controlplane import images, mount_nfs, nfs_server
-from controlplane.node import Node, kubelet_binary, unmount_under
-from controlplane.runner import ControlPlane, resolve_binaries
+from controlplane.binaries import resolve_binaries
+from controlplane.hoststate import unmount_under
+from controlplane.node import Node, kubelet_binary
+from controlplane.runner import ControlPlane
 from tests.kubectl import kubectl
 
 REPO = Path(__file__).resolve().parents[2]

@@ -32,7 +32,7 @@ from typing import Any
 
 import pytest
 
-from controlplane.node import NODE_NAME
+from controlplane.nodeconfig import NODE_NAME
 from tests.e2e.cluster import E2ECluster
 from tests.e2e.conftest import PROVISIONER_NAMESPACE
 

@@ -21,8 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.node import NODE_NAME, Node, kubelet_binary
-from controlplane.runner import ControlPlane, kubectl_binary, resolve_binaries
+from controlplane.binaries import kubectl_binary, resolve_binaries
+from controlplane.node import Node, kubelet_binary
+from controlplane.nodeconfig import NODE_NAME
+from controlplane.runner import ControlPlane
 from tests.kubectl import kubectl
 
 pytestmark = pytest.mark.e2e

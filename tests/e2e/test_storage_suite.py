@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from controlplane import suite
-from controlplane.runner import kubectl_binary, resolve_paths
+from controlplane.binaries import kubectl_binary, resolve_paths
 from tests.e2e.cluster import REPO, E2ECluster
 
 pytestmark = pytest.mark.e2e

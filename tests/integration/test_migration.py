@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from controlplane.runner import kubectl_binary
+from controlplane.binaries import kubectl_binary
 from tests.integration.conftest import StartProvisioner, StorageClasses
 from tests.integration.harness import (
     NFS_PATH,

@@ -31,7 +31,8 @@ import yaml
 from aiohttp import web
 from multidict import CIMultiDict
 
-from controlplane.runner import KUBE_APISERVER, KUBE_CONTROLLER_MANAGER, ControlPlane
+from controlplane.binaries import KUBE_APISERVER, KUBE_CONTROLLER_MANAGER
+from controlplane.runner import ControlPlane
 from tests.integration.conftest import StartProvisioner, StorageClasses
 from tests.integration.harness import (
     NFS_PATH,

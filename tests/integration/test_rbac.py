@@ -25,7 +25,8 @@ from typing import Any
 import pytest
 import yaml
 
-from controlplane.runner import ControlPlane, resolve_binaries
+from controlplane.binaries import resolve_binaries
+from controlplane.runner import ControlPlane
 from provisioner.permissions import WANTED
 from tests.faults import FAULTS_ENV, FaultRule, write_fault_rules
 from tests.integration.harness import (

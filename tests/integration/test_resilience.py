@@ -22,7 +22,8 @@ from typing import Any
 
 import pytest
 
-from controlplane.runner import KUBE_APISERVER, KUBE_CONTROLLER_MANAGER, ControlPlane
+from controlplane.binaries import KUBE_APISERVER, KUBE_CONTROLLER_MANAGER
+from controlplane.runner import ControlPlane
 from tests.integration.conftest import StartProvisioner, StorageClasses
 from tests.integration.harness import Kube, claim, entries, wait_for
 

@@ -1,8 +1,9 @@
 """Unit tests for the node profile's pure builders: no process is started, nothing is mounted.
 
-Covers controlplane.runner's node-profile arguments (ServiceAccount admission, the extra
-controllers, kube-scheduler) and controlplane.node's configs (containerd, CNI, kubelet), its
-image metadata and its host-state diff, against what real-node.md found necessary.
+Covers the node-profile arguments of controlplane.flags (ServiceAccount admission, the extra
+controllers, kube-scheduler), the node's configs (controlplane.nodeconfig: containerd, CNI,
+kubelet), its image metadata (controlplane.ocipack) and its host-state diff
+(controlplane.hoststate), against what real-node.md found necessary.
 """
 
 from __future__ import annotations
@@ -15,34 +16,33 @@ from pathlib import Path
 
 import pytest
 
-from controlplane import node, runner
-from controlplane.node import (
+from controlplane import binaries, hoststate, node, nodeconfig, runner
+from controlplane.binaries import Binaries, BinariesNotFoundError, resolve_binaries
+from controlplane.flags import (
+    KCM_CONTROLLERS,
+    apiserver_args,
+    controller_manager_args,
+    scheduler_args,
+)
+from controlplane.hoststate import (
     HostState,
+    diff_host_state,
+    iptables_chains,
+    node_scope,
+    normalize_iptables_save,
+    preflight_problems,
+)
+from controlplane.nodeconfig import (
     KubeletPorts,
     NodeLayout,
     cni_conflist,
     containerd_config,
-    diff_host_state,
-    image_blobs,
-    iptables_chains,
     kubelet_args,
     kubelet_config,
-    node_scope,
-    normalize_iptables_save,
-    oci_index,
-    preflight_problems,
     set_toml_key,
-    write_image_archive,
 )
-from controlplane.runner import (
-    Binaries,
-    BinariesNotFoundError,
-    Pki,
-    apiserver_args,
-    controller_manager_args,
-    resolve_binaries,
-    scheduler_args,
-)
+from controlplane.ocipack import image_blobs, oci_index, write_image_archive
+from controlplane.pki import Pki
 
 
 def _flags(argv: list[str]) -> dict[str, str]:
@@ -101,7 +101,7 @@ def test_node_profile_apiserver_keeps_every_default_admission_plugin() -> None:
 
 def test_default_controller_manager_is_unchanged() -> None:
     flags = _kcm(None)
-    assert flags["controllers"].split(",") == list(runner.KCM_CONTROLLERS)
+    assert flags["controllers"].split(",") == list(KCM_CONTROLLERS)
     assert "service-account-private-key-file" not in flags
     assert "root-ca-file" not in flags
 
@@ -109,7 +109,7 @@ def test_default_controller_manager_is_unchanged() -> None:
 def test_node_profile_controller_manager_adds_credentials_workloads_and_node_lifecycle() -> None:
     flags = _kcm(PKI)
     controllers = flags["controllers"].split(",")
-    assert set(runner.KCM_CONTROLLERS) <= set(controllers)
+    assert set(KCM_CONTROLLERS) <= set(controllers)
     for needed in (
         "serviceaccount-controller",
         "serviceaccount-token-controller",
@@ -148,10 +148,10 @@ def test_node_profile_needs_a_scheduler_binary(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="kube_scheduler"):
         runner.ControlPlane(tmp_path, three, node=True)
     plane = runner.ControlPlane(tmp_path, three)
-    assert plane.components == runner.COMPONENTS
+    assert plane.components == binaries.COMPONENTS
     four = Binaries(Path("e"), Path("a"), Path("c"), Path("s"))
     assert runner.ControlPlane(tmp_path, four, node=True).components == (
-        *runner.COMPONENTS,
+        *binaries.COMPONENTS,
         "kube-scheduler",
     )
     with pytest.raises(BinariesNotFoundError):
@@ -162,12 +162,12 @@ def test_node_profile_needs_a_scheduler_binary(tmp_path: Path) -> None:
 
 @pytest.fixture
 def cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    for var in (*runner.ENV_OVERRIDES.values(), "KUBEBUILDER_ASSETS", "XDG_CACHE_HOME"):
+    for var in (*binaries.ENV_OVERRIDES.values(), "KUBEBUILDER_ASSETS", "XDG_CACHE_HOME"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("NFS_PROVISIONER_CACHE", str(tmp_path / "cache"))
-    bin_dir = runner.cache_bin_dir()
+    bin_dir = binaries.cache_bin_dir()
     bin_dir.mkdir(parents=True)
-    for name in runner.COMPONENTS:
+    for name in binaries.COMPONENTS:
         (bin_dir / name).write_text("#!/bin/sh\n")
     return bin_dir
 
@@ -269,7 +269,7 @@ def test_cni_is_one_bridge_with_host_local_ipam_under_state_and_no_masquerade() 
     conf = cni_conflist(LAYOUT)
     (bridge,) = conf["plugins"]
     assert bridge["type"] == "bridge"
-    assert bridge["bridge"] == node.BRIDGE
+    assert bridge["bridge"] == nodeconfig.BRIDGE
     assert bridge["ipMasq"] is False
     assert bridge["isGateway"] is True
     ipam = bridge["ipam"]
@@ -335,7 +335,7 @@ def test_image_blobs_reference_each_other_by_digest() -> None:
 
 def test_index_names_each_image_for_ctr_import() -> None:
     _, manifest = image_blobs(b"x", ["sh"])
-    index = oci_index({node.PAUSE_IMAGE: manifest})
+    index = oci_index({nodeconfig.PAUSE_IMAGE: manifest})
     (entry,) = index["manifests"]
     assert entry["digest"] == manifest.digest
     assert entry["annotations"]["io.containerd.image.name"] == "docker.io/local/pause:3.10"
@@ -435,12 +435,12 @@ def test_preflight_refuses_another_node_or_leftovers_and_accepts_a_clean_host() 
     assert preflight_problems(HostState(links=frozenset({"lo", "eth0"}))) == []
     assert preflight_problems(HostState(), ["containerd", "bash"]) == []  # a system containerd
     dirty = HostState(
-        links=frozenset({"lo", node.BRIDGE}),
+        links=frozenset({"lo", nodeconfig.BRIDGE}),
         cgroups=frozenset({"/sys/fs/cgroup/pids/kubepods"}),
     )
     problems = preflight_problems(dirty, ["kubelet", "containerd"])
     assert len(problems) == 3
-    assert any(node.BRIDGE in p for p in problems)
+    assert any(nodeconfig.BRIDGE in p for p in problems)
     assert any("kubepods" in p for p in problems)
     assert any("kubelet is running" in p for p in problems)
 
@@ -489,5 +489,5 @@ def test_host_state_round_trips_through_the_state_file_form() -> None:
         listings={"/run/netns": frozenset({"a"})},
         cgroups=frozenset({"/sys/fs/cgroup/pids/kubepods"}),
     )
-    data = json.loads(json.dumps(node.host_state_to_json(state)))
-    assert node.host_state_from_json(data) == state
+    data = json.loads(json.dumps(hoststate.host_state_to_json(state)))
+    assert hoststate.host_state_from_json(data) == state

@@ -1,4 +1,5 @@
-"""Unit tests for the pure parts of controlplane.runner: no control plane is started."""
+"""Unit tests for the pure parts of controlplane.runner and the modules it starts with
+(binaries, flags, pki, processes): no control plane is started."""
 
 from __future__ import annotations
 
@@ -18,20 +19,28 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from controlplane import runner
-from controlplane.runner import (
+from controlplane import processes, runner
+from controlplane.binaries import (
+    BUILD_SCRIPT,
+    ENV_OVERRIDES,
+    Binaries,
     BinariesNotFoundError,
-    Pki,
-    ProcessRecord,
+    cache_bin_dir,
+    find_binaries,
+    pinned_versions,
+    resolve_binaries,
+)
+from controlplane.flags import (
+    SERVICE_ACCOUNT_ISSUER,
     apiserver_args,
     controller_manager_args,
     etcd_args,
-    find_binaries,
+)
+from controlplane.pki import Pki, generate_pki, kubeconfig_dict, render_kubeconfig
+from controlplane.processes import (
+    ProcessRecord,
     free_port,
     free_ports,
-    kubeconfig_dict,
-    render_kubeconfig,
-    resolve_binaries,
     stop_processes,
     tail_lines,
 )
@@ -169,7 +178,7 @@ KCM = controller_manager_args(
                 "client-ca-file": "/state/pki/ca.crt",
                 "service-account-key-file": "/state/pki/sa.pub",
                 "service-account-signing-key-file": "/state/pki/sa.key",
-                "service-account-issuer": runner.SERVICE_ACCOUNT_ISSUER,
+                "service-account-issuer": SERVICE_ACCOUNT_ISSUER,
                 "service-cluster-ip-range": "10.0.0.0/24",
                 "authorization-mode": "RBAC",
                 "disable-admission-plugins": "ServiceAccount",
@@ -231,10 +240,10 @@ def test_nothing_listens_beyond_loopback(argv: list[str]) -> None:
 @pytest.fixture
 def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
     """No overrides, and a private empty cache: returns the cache's bin dir."""
-    for var in (*runner.ENV_OVERRIDES.values(), "KUBEBUILDER_ASSETS", "XDG_CACHE_HOME"):
+    for var in (*ENV_OVERRIDES.values(), "KUBEBUILDER_ASSETS", "XDG_CACHE_HOME"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("NFS_PROVISIONER_CACHE", str(tmp_path / "cache"))
-    yield runner.cache_bin_dir()
+    yield cache_bin_dir()
 
 
 def _fake(directory: Path, name: str) -> Path:
@@ -280,7 +289,7 @@ def test_resolution_order(
 ) -> None:
     dirs = {"override": tmp_path / "override", "assets": tmp_path / "assets", "cache": clean_env}
     for name in overrides:
-        monkeypatch.setenv(runner.ENV_OVERRIDES[name], str(_fake(dirs["override"], name)))
+        monkeypatch.setenv(ENV_OVERRIDES[name], str(_fake(dirs["override"], name)))
     for name in assets:
         _fake(dirs["assets"], name)
     for name in cache:
@@ -332,7 +341,7 @@ def test_missing_binaries_are_built_with_just_their_names(
             _fake(clean_env, name)
         return clean_env
 
-    monkeypatch.setattr(runner, "run_build_script", fake_build)
+    monkeypatch.setattr("controlplane.binaries.run_build_script", fake_build)
     binaries = resolve_binaries(build=True)
     assert calls == [["kube-apiserver", "kube-controller-manager"]]
     assert binaries.kube_apiserver == clean_env / "kube-apiserver"
@@ -350,17 +359,17 @@ def test_missing_binaries_are_built_with_just_their_names(
     ],
 )
 def test_cache_dir_is_keyed_by_the_pinned_versions(env: dict[str, str], root: str) -> None:
-    kube, etcd = runner.pinned_versions()
+    kube, etcd = pinned_versions()
     assert kube.startswith("v1.36.")
     assert etcd.startswith("v3.")
-    assert runner.cache_bin_dir(env) == Path(root) / f"controlplane-{kube}-etcd-{etcd}" / "bin"
+    assert cache_bin_dir(env) == Path(root) / f"controlplane-{kube}-etcd-{etcd}" / "bin"
 
 
 def test_cache_dir_agrees_with_build_sh(tmp_path: Path) -> None:
     # An unknown target makes build.sh stop after creating its bin dir, before any `go build`.
     env = {**os.environ, "NFS_PROVISIONER_CACHE": str(tmp_path)}
     result = subprocess.run(
-        ["bash", str(runner.BUILD_SCRIPT), "no-such-binary"],
+        ["bash", str(BUILD_SCRIPT), "no-such-binary"],
         env=env,
         capture_output=True,
         text=True,
@@ -369,7 +378,7 @@ def test_cache_dir_agrees_with_build_sh(tmp_path: Path) -> None:
     )
     assert result.returncode == 2, result.stderr
     created = [p for p in tmp_path.rglob("bin") if p.is_dir()]
-    assert created == [runner.cache_bin_dir(env)]
+    assert created == [cache_bin_dir(env)]
 
 
 # ---------------------------------------------------------------- logs
@@ -402,7 +411,7 @@ def test_tail_of_a_missing_file_is_empty(tmp_path: Path) -> None:
 
 
 def test_logs_tail_labels_each_component(tmp_path: Path) -> None:
-    plane = runner.ControlPlane(tmp_path, runner.Binaries(Path("e"), Path("a"), Path("c")))
+    plane = runner.ControlPlane(tmp_path, Binaries(Path("e"), Path("a"), Path("c")))
     assert "no control-plane logs" in plane.logs_tail()
     plane.log_dir.mkdir()
     (plane.log_dir / "etcd.log").write_text("one\ntwo\n")
@@ -419,7 +428,7 @@ def test_logs_tail_labels_each_component(tmp_path: Path) -> None:
 
 
 def test_generated_pki(tmp_path: Path) -> None:
-    pki = runner.generate_pki(tmp_path / "pki")
+    pki = generate_pki(tmp_path / "pki")
     ca = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
     serving = x509.load_pem_x509_certificate(pki.serving_cert.read_bytes())
     admin = x509.load_pem_x509_certificate(pki.admin_cert.read_bytes())
@@ -452,7 +461,7 @@ def _sleeper() -> subprocess.Popen[bytes]:
 
 
 def _ticks(pid: int) -> int:
-    stat = runner._proc_stat(pid)
+    stat = processes._proc_stat(pid)
     assert stat is not None
     return stat[1]
 
@@ -471,7 +480,7 @@ def test_stop_processes_terminates_what_it_recorded() -> None:
     record = ProcessRecord("etcd", proc.pid, _ticks(proc.pid))
     stop_processes([record], {proc.pid: proc}, grace=5)
     assert proc.poll() is not None
-    assert not runner._is_running(record)
+    assert not processes._is_running(record)
 
 
 def test_stop_processes_never_signals_a_reused_pid() -> None:
@@ -492,7 +501,7 @@ SLEEP = [sys.executable, "-c", "import time; time.sleep(60)"]
 def sleeping_plane(tmp_path: Path) -> Iterator[runner.ControlPlane]:
     """A ControlPlane whose three "components" are sleeping Pythons, always healthy."""
     plane = runner.ControlPlane(
-        tmp_path, runner.Binaries(Path("e"), Path("a"), Path("c")), health_timeout=10
+        tmp_path, Binaries(Path("e"), Path("a"), Path("c")), health_timeout=10
     )
     plane.log_dir.mkdir()
     try:
@@ -513,7 +522,7 @@ def test_restart_replaces_one_process_in_place_and_in_the_state_file(
     assert [r.component for r in after] == list(NAMES)  # stop() keeps its order
     assert (after[0], after[2]) == (before[0], before[2])
     assert after[1].pid != before[1].pid
-    assert not runner._is_running(before[1])
+    assert not processes._is_running(before[1])
     assert sleeping_plane.is_running()
     state = json.loads(sleeping_plane.state_file.read_text())
     assert state["processes"] == [r.__dict__ for r in after]
@@ -530,12 +539,12 @@ def test_restart_that_does_not_come_back_fails_and_leaves_it_stopped(
     with pytest.raises(RuntimeError, match="restarted etcd exited with code 3"):
         sleeping_plane.restart("etcd")
     assert [r.component for r in sleeping_plane.processes] == list(NAMES)
-    assert not runner._is_running(sleeping_plane.processes[0])
+    assert not processes._is_running(sleeping_plane.processes[0])
     assert not sleeping_plane.is_running()
 
 
 def test_restart_needs_a_known_component_started_by_this_object(tmp_path: Path) -> None:
-    plane = runner.ControlPlane(tmp_path, runner.Binaries(Path("e"), Path("a"), Path("c")))
+    plane = runner.ControlPlane(tmp_path, Binaries(Path("e"), Path("a"), Path("c")))
     with pytest.raises(ValueError, match="unknown component 'kubelet'"):
         plane.restart("kubelet")
     with pytest.raises(RuntimeError, match="kube-apiserver was not started by this object"):

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from controlplane import suite
-from controlplane.node import Image, write_images_archive
+from controlplane.ocipack import Image, write_images_archive
 
 
 def spec(leaf: str, state: str, message: str = "", kind: str = "It") -> dict[str, Any]:
