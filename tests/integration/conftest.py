@@ -42,21 +42,21 @@ def namespace(admin: Kube) -> Iterator[str]:
 StartProvisioner = Callable[..., ProvisionerProcess]
 
 
-@pytest.fixture
-def provisioner(
-    sa_kubeconfig: Path, tmp_path: Path, request: pytest.FixtureRequest
+def provisioners(
+    kubeconfig: Path, tmp_path: Path, log_prefix: str = "provisioner", name_prefix: str = "p"
 ) -> Iterator[StartProvisioner]:
-    """Start provisioner subprocesses; each test gets its own provisioner name and export."""
+    """The body of a fixture that starts provisioner subprocesses under ``kubeconfig``; each
+    test gets its own provisioner name and export. All are stopped at teardown."""
     started: list[ProvisionerProcess] = []
 
     def start(
         name: str | None = None, export: Path | None = None, **env: str
     ) -> ProvisionerProcess:
         process = ProvisionerProcess(
-            kubeconfig=sa_kubeconfig,
-            name=name or f"test.nfs.io/{unique('p')}",
+            kubeconfig=kubeconfig,
+            name=name or f"test.nfs.io/{unique(name_prefix)}",
             export=export or tmp_path / "export",
-            log_path=tmp_path / f"provisioner-{len(started)}.log",
+            log_path=tmp_path / f"{log_prefix}-{len(started)}.log",
             extra_env=env,
         )
         started.append(process)
@@ -67,6 +67,12 @@ def provisioner(
         process.stop()
         # Shown by pytest only when the test fails.
         print(f"--- provisioner log {process.log_path} ---\n{process.logs()[-20000:]}")
+
+
+@pytest.fixture
+def provisioner(sa_kubeconfig: Path, tmp_path: Path) -> Iterator[StartProvisioner]:
+    """Start provisioner subprocesses (see ``provisioners``)."""
+    yield from provisioners(sa_kubeconfig, tmp_path)
 
 
 class StorageClasses:

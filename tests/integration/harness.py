@@ -177,6 +177,79 @@ def claim(
     )
 
 
+ANN_DIRECTORY = "nfs.provisioner.dev/directory"
+
+
+@dataclass(frozen=True)
+class Provisioned:
+    """A claim our provisioner has Bound, and where its PV says the data is."""
+
+    name: str
+    namespace: str
+    volume: str
+    recorded: str
+    """The PV's ``nfs.provisioner.dev/directory`` annotation, relative to the export."""
+    directory: Path
+    """``recorded`` under the test's export."""
+
+
+def provision(
+    admin: Kube, namespace: str, class_name: str, export: Path, name: str = "data", **kw: Any
+) -> Provisioned:
+    """Apply the claim ``name`` (``claim``'s keywords), wait until it is Bound and read the
+    directory its PV records."""
+    admin.apply(claim(name, namespace, class_name, **kw))
+    pvc = admin.wait_phase("pvc", name, "Bound", namespace)
+    volume = pvc["spec"]["volumeName"]
+    pv = admin.get("pv", volume)
+    assert pv is not None
+    recorded = pv["metadata"]["annotations"][ANN_DIRECTORY]
+    return Provisioned(name, namespace, volume, recorded, export / recorded)
+
+
+def claims_resource_version(admin: Kube) -> str:
+    """The resourceVersion of a claim list now (the raw list: kubectl's own ``get -o json``
+    List carries none)."""
+    listed = json.loads(admin.run("get", "--raw", "/api/v1/persistentvolumeclaims"))
+    version: str = listed["metadata"]["resourceVersion"]
+    assert version
+    return version
+
+
+def watch_answer(admin: Kube, resource_version: str) -> dict[str, Any] | None:
+    """The first event of a claim watch resumed at ``resource_version`` (None: not served yet)."""
+    out = admin.run(
+        "get",
+        "--raw",
+        f"/api/v1/persistentvolumeclaims?watch=1&resourceVersion={resource_version}"
+        "&timeoutSeconds=1",
+        check=False,
+    )
+    first = next((line for line in out.splitlines() if line.strip()), None)
+    if first is None:
+        return None
+    event: dict[str, Any] = json.loads(first)
+    return event
+
+
+def wait_for_410_after_restart(admin: Kube, old_version: str, timeout: float) -> None:
+    """After a kube-apiserver restart: wait until kubectl is answered again, then check that a
+    watch resumed at ``old_version`` (read before the restart) gets 410 Gone, so that kopf has
+    to re-list rather than resume."""
+    wait_for(
+        "kubectl to answer again",
+        lambda: admin.run("get", "--raw", "/readyz", check=False).strip() == "ok",
+        timeout=timeout,
+    )
+    answer = wait_for(
+        "a watch resumed from before the restart to be answered",
+        lambda: watch_answer(admin, old_version),
+        timeout=timeout,
+    )
+    assert answer["type"] == "ERROR", answer
+    assert answer["object"]["code"] == 410, answer
+
+
 def entries(export: Path) -> list[Path]:
     """What is in the export's top level, except the provisioner's own records directory."""
     return sorted(p for p in export.iterdir() if p.name != JOURNAL_DIR)

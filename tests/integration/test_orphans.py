@@ -24,7 +24,14 @@ import pytest
 from provisioner.paths import JOURNAL_DIR
 from tests.faults import FaultRule, write_fault_rules
 from tests.integration.conftest import StartProvisioner, StorageClasses
-from tests.integration.harness import Kube, ProvisionerProcess, claim, entries, wait_for
+from tests.integration.harness import (
+    Kube,
+    ProvisionerProcess,
+    claim,
+    entries,
+    provision,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -61,69 +68,76 @@ def intents_dir(export: Path) -> Path:
     return export / JOURNAL_DIR / "intents"
 
 
-def crash_mid_provision(
+@dataclass(frozen=True)
+class Orphans:
+    """The fixtures every case needs, and the two steps they share: crash mid-provision, then
+    restart the provisioner."""
+
+    admin: Kube
+    provisioner: StartProvisioner
+    namespace: str
+    storage_classes: StorageClasses
+    tmp_path: Path
+
+    def crash(
+        self, pattern: str | None = None, on_delete: str | None = None, delete_claim: bool = True
+    ) -> Crash:
+        admin, namespace = self.admin, self.namespace
+        export = self.tmp_path / "export"
+        faults = self.tmp_path / "faults.json"
+        # chmod follows mkdir: hanging it holds the provisioner between creating the directory
+        # and saving the PV, where the kill lands.
+        write_fault_rules(faults, [FaultRule(op="chmod", match="doomed", effect="hang")])
+        process = self.provisioner(NFS_PROVISIONER_UNSAFE_FAULTS_FILE=str(faults))
+        parameters = {"pathPattern": pattern} if pattern else {}
+        if on_delete:
+            parameters["onDelete"] = on_delete
+        class_name = self.storage_classes(process.name, parameters, prefix="orphan")
+        admin.apply(claim("doomed", namespace, class_name))
+        pvc = admin.get("pvc", "doomed", namespace)
+        assert pvc is not None
+        volume = f"pvc-{pvc['metadata']['uid']}"
+        rel = f"{namespace}/doomed" if pattern else f"{namespace}-doomed-{volume}"
+        crash = Crash(process.name, export, class_name, rel, volume)
+        wait_for("the doomed claim's directory", crash.directory.is_dir, timeout=60)
+        process.kill()
+        assert admin.get("pv", volume) is None, "the PV was saved; the kill came too late"
+        assert crash.intent.is_file(), "no intent was written before the directory"
+        intent = json.loads(crash.intent.read_text())
+        assert (intent["volume"], intent["directory"]) == (volume, rel)
+        if delete_claim:
+            admin.run("delete", "pvc", "doomed", "-n", namespace)
+        write_fault_rules(faults, [])
+        return crash
+
+    def restart_and_provision(self, crash: Crash) -> tuple[ProvisionerProcess, str]:
+        """Restart the provisioner and wait until a new claim is Bound; (process, the directory
+        its PV records)."""
+        restarted = self.provisioner(name=crash.name, export=crash.export)
+        after = provision(self.admin, self.namespace, crash.class_name, crash.export, "after")
+        return restarted, after.recorded
+
+
+@pytest.fixture
+def orphans(
     admin: Kube,
     provisioner: StartProvisioner,
     namespace: str,
     storage_classes: StorageClasses,
     tmp_path: Path,
-    pattern: str | None = None,
-    on_delete: str | None = None,
-    delete_claim: bool = True,
-) -> Crash:
-    export = tmp_path / "export"
-    faults = tmp_path / "faults.json"
-    # chmod follows mkdir: hanging it holds the provisioner between creating the directory and
-    # saving the PV, where the kill lands.
-    write_fault_rules(faults, [FaultRule(op="chmod", match="doomed", effect="hang")])
-    process = provisioner(NFS_PROVISIONER_UNSAFE_FAULTS_FILE=str(faults))
-    parameters = {"pathPattern": pattern} if pattern else {}
-    if on_delete:
-        parameters["onDelete"] = on_delete
-    class_name = storage_classes(process.name, parameters, prefix="orphan")
-    admin.apply(claim("doomed", namespace, class_name))
-    pvc = admin.get("pvc", "doomed", namespace)
-    assert pvc is not None
-    volume = f"pvc-{pvc['metadata']['uid']}"
-    rel = f"{namespace}/doomed" if pattern else f"{namespace}-doomed-{volume}"
-    crash = Crash(process.name, export, class_name, rel, volume)
-    wait_for("the doomed claim's directory", crash.directory.is_dir, timeout=60)
-    process.kill()
-    assert admin.get("pv", volume) is None, "the PV was saved; the kill came too late"
-    assert crash.intent.is_file(), "no intent was written before the directory"
-    intent = json.loads(crash.intent.read_text())
-    assert (intent["volume"], intent["directory"]) == (volume, rel)
-    if delete_claim:
-        admin.run("delete", "pvc", "doomed", "-n", namespace)
-    write_fault_rules(faults, [])
-    return crash
-
-
-def restart_and_provision(
-    admin: Kube, provisioner: StartProvisioner, crash: Crash, namespace: str
-) -> tuple[ProvisionerProcess, str]:
-    """Restart the provisioner and wait until a new claim is Bound; (process, its directory)."""
-    restarted = provisioner(name=crash.name, export=crash.export)
-    admin.apply(claim("after", namespace, crash.class_name))
-    pvc = admin.wait_phase("pvc", "after", "Bound", namespace)
-    pv = admin.get("pv", pvc["spec"]["volumeName"])
-    assert pv is not None
-    return restarted, pv["metadata"]["annotations"]["nfs.provisioner.dev/directory"]
+) -> Orphans:
+    return Orphans(admin, provisioner, namespace, storage_classes, tmp_path)
 
 
 @pytest.mark.parametrize("pattern", [None, CUSTOM], ids=["default-name", "custom-pattern"])
 def test_crash_after_mkdir_then_claim_deleted_leaves_no_orphan(
-    admin: Kube,
-    provisioner: StartProvisioner,
-    namespace: str,
-    storage_classes: StorageClasses,
-    tmp_path: Path,
-    pattern: str | None,
+    orphans: Orphans, pattern: str | None
 ) -> None:
-    crash = crash_mid_provision(admin, provisioner, namespace, storage_classes, tmp_path, pattern)
+    namespace = orphans.namespace
+    crash = orphans.crash(pattern)
     assert crash.owner_record.is_file()
 
-    restarted, after = restart_and_provision(admin, provisioner, crash, namespace)
+    restarted, after = orphans.restart_and_provision(crash)
     assert not crash.directory.exists()
     assert not crash.intent.exists()
     assert not crash.owner_record.exists()
@@ -138,17 +152,12 @@ def test_crash_after_mkdir_then_claim_deleted_leaves_no_orphan(
     assert list(intents_dir(crash.export).iterdir()) == []
 
 
-def test_crash_leftover_with_data_is_kept(
-    admin: Kube,
-    provisioner: StartProvisioner,
-    namespace: str,
-    storage_classes: StorageClasses,
-    tmp_path: Path,
-) -> None:
-    crash = crash_mid_provision(admin, provisioner, namespace, storage_classes, tmp_path)
+def test_crash_leftover_with_data_is_kept(orphans: Orphans) -> None:
+    namespace = orphans.namespace
+    crash = orphans.crash()
     (crash.directory / "data.txt").write_text("written before the crash")
 
-    restarted, _ = restart_and_provision(admin, provisioner, crash, namespace)
+    restarted, _ = orphans.restart_and_provision(crash)
     assert (crash.directory / "data.txt").read_text() == "written before the crash"
     assert not crash.intent.exists()
     # Still a leftover of its namespace: the owner record stays with the directory.
@@ -179,19 +188,14 @@ def plant_intent(export: Path, namespace: str, cluster: str, provisioner_name: s
     return path
 
 
-def test_sweep_acts_only_on_its_own_intents(
-    admin: Kube,
-    provisioner: StartProvisioner,
-    namespace: str,
-    storage_classes: StorageClasses,
-    tmp_path: Path,
-) -> None:
+def test_sweep_acts_only_on_its_own_intents(orphans: Orphans) -> None:
     """Next to a real orphan (which proves the sweep ran), nothing else is touched: empty
     default-looking and archived directories with no intent, and empty directories whose
     intents are another cluster's or another provisioner's on a shared export."""
-    crash = crash_mid_provision(admin, provisioner, namespace, storage_classes, tmp_path)
+    namespace = orphans.namespace
+    crash = orphans.crash()
     export = crash.export
-    kube_system = admin.get("namespace", "kube-system")
+    kube_system = orphans.admin.get("namespace", "kube-system")
     assert kube_system is not None
     cluster = kube_system["metadata"]["uid"]
     no_intent = [
@@ -207,7 +211,7 @@ def test_sweep_acts_only_on_its_own_intents(
     foreign_content = {path: path.read_text() for path in foreign}
     foreign_dirs = [export / json.loads(text)["directory"] for text in foreign_content.values()]
 
-    restarted, after = restart_and_provision(admin, provisioner, crash, namespace)
+    restarted, after = orphans.restart_and_provision(crash)
     assert not crash.directory.exists()
     assert {p.name for p in entries(export)} == {
         after,
@@ -221,26 +225,13 @@ def test_sweep_acts_only_on_its_own_intents(
     assert crash.rel in sweep_lines[0]
 
 
-def test_crash_with_the_claim_alive_converges_and_leaves_no_stale_intent(
-    admin: Kube,
-    provisioner: StartProvisioner,
-    namespace: str,
-    storage_classes: StorageClasses,
-    tmp_path: Path,
-) -> None:
+def test_crash_with_the_claim_alive_converges_and_leaves_no_stale_intent(orphans: Orphans) -> None:
     """The restarted provisioner finishes the claim in the directory the crash left, and
     settles its intent: otherwise a later sweep, after the claim was released with
     ``onDelete: retain``, would remove the directory the user asked to keep."""
-    crash = crash_mid_provision(
-        admin,
-        provisioner,
-        namespace,
-        storage_classes,
-        tmp_path,
-        on_delete="retain",
-        delete_claim=False,
-    )
-    restarted = provisioner(name=crash.name, export=crash.export)
+    admin, namespace = orphans.admin, orphans.namespace
+    crash = orphans.crash(on_delete="retain", delete_claim=False)
+    restarted = orphans.provisioner(name=crash.name, export=crash.export)
     pvc = admin.wait_phase("pvc", "doomed", "Bound", namespace)
     assert pvc["spec"]["volumeName"] == crash.volume
     assert crash.directory.is_dir()
@@ -250,6 +241,6 @@ def test_crash_with_the_claim_alive_converges_and_leaves_no_stale_intent(
     admin.wait_gone("pv", crash.volume)
     assert crash.directory.is_dir(), "onDelete: retain"
     restarted.stop()
-    again, _ = restart_and_provision(admin, provisioner, crash, namespace)
+    again, _ = orphans.restart_and_provision(crash)
     assert crash.directory.is_dir(), "the sweep removed a retained directory"
     assert "orphan sweep" not in again.logs()

@@ -33,23 +33,25 @@ from multidict import CIMultiDict
 
 from controlplane.binaries import KUBE_APISERVER, KUBE_CONTROLLER_MANAGER
 from controlplane.runner import ControlPlane
-from tests.integration.conftest import StartProvisioner, StorageClasses
+from tests.integration.conftest import StartProvisioner, StorageClasses, provisioners
 from tests.integration.harness import (
+    ANN_DIRECTORY,
     NFS_PATH,
     NFS_SERVER,
     Kube,
     ProvisionerProcess,
     claim,
+    claims_resource_version,
     snapshot,
     storage_class,
     unique,
     wait_for,
+    wait_for_410_after_restart,
 )
 
 pytestmark = pytest.mark.integration
 
 BY_ANNOTATION = {"pathPattern": "${.PVC.annotations.dir}", "onDelete": "delete"}
-ANN_DIRECTORY = "nfs.provisioner.dev/directory"
 ANN_EXPORT_PATH = "nfs.provisioner.dev/export-path"
 WAIT = 120  # seconds; generous: the machine is shared and the apiserver restarts in some cases
 
@@ -196,13 +198,10 @@ def proxy(control_plane: ControlPlane) -> Iterator[ApiProxy]:
     started.stop()
 
 
-StartProxied = Callable[..., ProvisionerProcess]
-
-
 @pytest.fixture
 def proxied_provisioner(
     proxy: ApiProxy, sa_kubeconfig: Path, tmp_path: Path
-) -> Iterator[StartProxied]:
+) -> Iterator[StartProvisioner]:
     """Like the ``provisioner`` fixture, with the API reached through ``proxy``; stopped before
     the proxy is."""
     config = yaml.safe_load(sa_kubeconfig.read_text())
@@ -211,23 +210,7 @@ def proxied_provisioner(
     kubeconfig = tmp_path / "proxied-kubeconfig"
     kubeconfig.write_text(yaml.safe_dump(config))
     kubeconfig.chmod(0o600)
-    started: list[ProvisionerProcess] = []
-
-    def start(name: str | None = None, **env: str) -> ProvisionerProcess:
-        process = ProvisionerProcess(
-            kubeconfig=kubeconfig,
-            name=name or f"test.nfs.io/{unique('own')}",
-            export=tmp_path / "export",
-            log_path=tmp_path / f"proxied-{len(started)}.log",
-            extra_env=env,
-        )
-        started.append(process)
-        return process.start()
-
-    yield start
-    for process in started:
-        process.stop()
-        print(f"--- provisioner log {process.log_path} ---\n{process.logs()[-20000:]}")
+    yield from provisioners(kubeconfig, tmp_path, log_prefix="proxied", name_prefix="own")
 
 
 # --- PersistentVolumes made by hand ----------------------------------------------------------
@@ -309,7 +292,7 @@ def logged(process: ProvisionerProcess, *parts: str) -> bool:
 def test_startup_reconciles_nothing_before_the_volumes_are_listed(
     admin: Kube,
     proxy: ApiProxy,
-    proxied_provisioner: StartProxied,
+    proxied_provisioner: StartProvisioner,
     namespace: str,
     hand_volumes: Callable[..., str],
     storage_classes: StorageClasses,
@@ -344,7 +327,7 @@ def test_startup_reconciles_nothing_before_the_volumes_are_listed(
 def test_concurrent_claims_for_nested_directories_never_both_proceed(
     admin: Kube,
     proxy: ApiProxy,
-    proxied_provisioner: StartProxied,
+    proxied_provisioner: StartProvisioner,
     namespace: str,
     storage_classes: StorageClasses,
     tmp_path: Path,
@@ -434,21 +417,6 @@ def test_volumes_made_by_hand_or_by_nfs_subdir_own_their_directories(
 # --- 4. after a watch gap ------------------------------------------------------------------
 
 
-def _watch_answer(admin: Kube, resource_version: str) -> dict[str, Any] | None:
-    out = admin.run(
-        "get",
-        "--raw",
-        f"/api/v1/persistentvolumeclaims?watch=1&resourceVersion={resource_version}"
-        "&timeoutSeconds=1",
-        check=False,
-    )
-    first = next((line for line in out.splitlines() if line.strip()), None)
-    if first is None:
-        return None
-    event: dict[str, Any] = json.loads(first)
-    return event
-
-
 def watch_gap(
     admin: Kube,
     control_plane: ControlPlane,
@@ -465,23 +433,11 @@ def watch_gap(
     """
     assert process.process is not None
     server = control_plane.server
-    old_rv = json.loads(admin.run("get", "--raw", "/api/v1/persistentvolumeclaims"))["metadata"][
-        "resourceVersion"
-    ]
+    old_rv = claims_resource_version(admin)
     process.process.send_signal(signal.SIGSTOP)
     try:
         control_plane.restart(KUBE_APISERVER)
-        wait_for(
-            "kubectl to answer again",
-            lambda: admin.run("get", "--raw", "/readyz", check=False).strip() == "ok",
-            timeout=WAIT,
-        )
-        answer = wait_for(
-            "a watch resumed from before the restart to be answered",
-            lambda: _watch_answer(admin, old_rv),
-            timeout=WAIT,
-        )
-        assert answer["type"] == "ERROR" and answer["object"]["code"] == 410, answer
+        wait_for_410_after_restart(admin, old_rv, timeout=WAIT)
         during()
     finally:
         process.process.send_signal(signal.SIGCONT)

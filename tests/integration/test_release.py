@@ -2,7 +2,9 @@
 
 Each case provisions a claim, writes `SUCCESS` into its directory as the seeds' test-pod would,
 deletes the claim with kubectl, and checks the directory's fate, the archive's contents, that
-the PV is gone (or kept) and that no finalizer of ours is left behind.
+the PV is gone (or kept) and that no finalizer of ours is left behind. Those shared steps are
+``Volumes`` (the ``volumes`` fixture); cases that differ only by StorageClass parameters or
+input are parametrised tables.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from tests.faults import FaultRule, write_fault_rules
 from tests.integration.conftest import StartProvisioner, StorageClasses
 from tests.integration.harness import (
     Kube,
+    Provisioned,
     ProvisionerProcess,
     claim,
     entries,
+    provision,
     snapshot,
     wait_for,
 )
@@ -30,36 +34,50 @@ FINALIZER = "external-provisioner.volume.kubernetes.io/finalizer"
 
 
 @dataclass
-class Provisioned:
-    name: str
+class Volumes:
+    """What every case starts from: a running provisioner with its export, the test's namespace
+    and the admin's kubectl, with the provision and delete steps the cases share."""
+
+    admin: Kube
     namespace: str
-    volume: str
-    directory: Path
+    process: ProvisionerProcess
+    export: Path
+    storage_classes: StorageClasses
 
+    def storage_class(self, parameters: dict[str, str], prefix: str, **kw: Any) -> str:
+        """A StorageClass of this provisioner (``storage_classes``' keywords)."""
+        return self.storage_classes(self.process.name, parameters, prefix=prefix, **kw)
 
-def provision(
-    admin: Kube, namespace: str, class_name: str, export: Path, name: str = "data", **kw: Any
-) -> Provisioned:
-    admin.apply(claim(name, namespace, class_name, **kw))
-    pvc = admin.wait_phase("pvc", name, "Bound", namespace)
-    volume = pvc["spec"]["volumeName"]
-    pv = admin.get("pv", volume)
-    assert pv is not None
-    directory = export / pv["metadata"]["annotations"]["nfs.provisioner.dev/directory"]
-    assert directory.is_dir()
-    (directory / "SUCCESS").write_text(f"{namespace}/{name}")
-    return Provisioned(name, namespace, volume, directory)
+    def provision(self, class_name: str, name: str = "data", **kw: Any) -> Provisioned:
+        """A Bound claim whose directory holds ``SUCCESS``, as the seeds' test-pod leaves it."""
+        p = provision(self.admin, self.namespace, class_name, self.export, name, **kw)
+        assert p.directory.is_dir()
+        (p.directory / "SUCCESS").write_text(f"{self.namespace}/{name}")
+        return p
 
+    def delete_claim(self, p: Provisioned) -> None:
+        self.admin.run("delete", "pvc", p.name, "-n", p.namespace, "--wait=false")
 
-def delete_claim(admin: Kube, p: Provisioned) -> None:
-    admin.run("delete", "pvc", p.name, "-n", p.namespace, "--wait=false")
+    def release(self, p: Provisioned) -> None:
+        """Delete the claim and wait until its PV is gone."""
+        self.delete_claim(p)
+        self.admin.wait_gone("pv", p.volume)
+
+    def event(self, p: Provisioned, reason: str) -> str:
+        """The message of the first Event ``reason`` on the claim's PV."""
+        return self.admin.wait_event(None, p.volume, reason)
 
 
 @pytest.fixture
-def setup(
-    admin: Kube, provisioner: StartProvisioner, tmp_path: Path
-) -> tuple[ProvisionerProcess, Path]:
-    return provisioner(), tmp_path / "export"
+def volumes(
+    admin: Kube,
+    provisioner: StartProvisioner,
+    namespace: str,
+    storage_classes: StorageClasses,
+    tmp_path: Path,
+) -> Volumes:
+    """``Volumes`` with a provisioner of the default environment."""
+    return Volumes(admin, namespace, provisioner(), tmp_path / "export", storage_classes)
 
 
 @pytest.mark.parametrize(
@@ -76,46 +94,29 @@ def setup(
         ),
     ],
 )
-def test_on_delete_table(
-    admin: Kube,
-    setup: tuple[ProvisionerProcess, Path],
-    namespace: str,
-    parameters: dict[str, str],
-    fate: str,
-    storage_classes: StorageClasses,
-) -> None:
-    process, export = setup
-    class_name = storage_classes(process.name, parameters, prefix="release")
-    p = provision(admin, namespace, class_name, export)
-    delete_claim(admin, p)
-    admin.wait_gone("pv", p.volume)
+def test_on_delete_table(volumes: Volumes, parameters: dict[str, str], fate: str) -> None:
+    p = volumes.provision(volumes.storage_class(parameters, prefix="release"))
+    volumes.release(p)
     archive = p.directory.parent / f"archived-{p.directory.name}"
     if fate == "removed":
         assert not p.directory.exists()
         assert not archive.exists()
-        assert "deleted" in admin.wait_event(None, p.volume, "VolumeDeleted")
+        assert "deleted" in volumes.event(p, "VolumeDeleted")
     elif fate == "kept":
-        assert (p.directory / "SUCCESS").read_text() == f"{namespace}/data"
-        assert "kept" in admin.wait_event(None, p.volume, "VolumeRetained")
+        assert (p.directory / "SUCCESS").read_text() == f"{p.namespace}/data"
+        assert "kept" in volumes.event(p, "VolumeRetained")
     else:
         assert not p.directory.exists()
-        assert (archive / "SUCCESS").read_text() == f"{namespace}/data"
-        message = admin.wait_event(None, p.volume, "VolumeArchived")
-        assert f'archived as "{archive.name}"' in message
-    assert entries(export) == sorted(
+        assert (archive / "SUCCESS").read_text() == f"{p.namespace}/data"
+        assert f'archived as "{archive.name}"' in volumes.event(p, "VolumeArchived")
+    assert entries(volumes.export) == sorted(
         {"removed": [], "kept": [p.directory], "archived": [archive]}[fate]
     )
 
 
-def test_pv_deleted_first_is_cleaned_when_its_claim_lets_go(
-    admin: Kube,
-    setup: tuple[ProvisionerProcess, Path],
-    namespace: str,
-    storage_classes: StorageClasses,
-) -> None:
-    process, export = setup
-    class_name = storage_classes(process.name, {"onDelete": "delete"}, prefix="pvfirst")
-    p = provision(admin, namespace, class_name, export)
+def test_pv_deleted_first_is_cleaned_when_its_claim_lets_go(volumes: Volumes) -> None:
+    admin = volumes.admin
+    p = volumes.provision(volumes.storage_class({"onDelete": "delete"}, prefix="pvfirst"))
     admin.run("delete", "pv", p.volume, "--wait=false")
     pv = wait_for(
         "the PV to be Terminating",
@@ -124,23 +125,17 @@ def test_pv_deleted_first_is_cleaned_when_its_claim_lets_go(
     assert FINALIZER in pv["metadata"]["finalizers"]
     # Bound: a pod may still write to it, so the directory stays until the claim goes.
     assert (p.directory / "SUCCESS").exists()
-    delete_claim(admin, p)
-    admin.wait_gone("pv", p.volume)
+    volumes.release(p)
     assert not p.directory.exists()
 
 
-def test_retain_touches_nothing_and_leaves_no_finalizer(
-    admin: Kube,
-    setup: tuple[ProvisionerProcess, Path],
-    namespace: str,
-    storage_classes: StorageClasses,
-) -> None:
-    process, export = setup
-    class_name = storage_classes(
-        process.name, {"onDelete": "delete"}, prefix="retain", reclaim_policy="Retain"
+def test_retain_touches_nothing_and_leaves_no_finalizer(volumes: Volumes) -> None:
+    admin = volumes.admin
+    class_name = volumes.storage_class(
+        {"onDelete": "delete"}, prefix="retain", reclaim_policy="Retain"
     )
-    p = provision(admin, namespace, class_name, export)
-    delete_claim(admin, p)
+    p = volumes.provision(class_name)
+    volumes.delete_claim(p)
     pv = admin.wait_phase("pv", p.volume, "Released")
     assert FINALIZER not in pv["metadata"].get("finalizers", [])
     assert (p.directory / "SUCCESS").exists()
@@ -149,20 +144,13 @@ def test_retain_touches_nothing_and_leaves_no_finalizer(
     assert (p.directory / "SUCCESS").exists()
 
 
-def test_admin_switching_a_pv_to_retain_wins_over_the_recorded_policy(
-    admin: Kube,
-    setup: tuple[ProvisionerProcess, Path],
-    namespace: str,
-    storage_classes: StorageClasses,
-) -> None:
-    process, export = setup
-    class_name = storage_classes(process.name, {"onDelete": "delete"}, prefix="switch")
-    p = provision(admin, namespace, class_name, export)
+def test_admin_switching_a_pv_to_retain_wins_over_the_recorded_policy(volumes: Volumes) -> None:
+    admin = volumes.admin
+    p = volumes.provision(volumes.storage_class({"onDelete": "delete"}, prefix="switch"))
     admin.run("patch", "pv", p.volume, "-p", '{"spec":{"persistentVolumeReclaimPolicy":"Retain"}}')
-    delete_claim(admin, p)
+    volumes.delete_claim(p)
     admin.wait_phase("pv", p.volume, "Released")
-    message = admin.wait_event(None, p.volume, "VolumeRetained")
-    assert "Reclaim policy is Retain" in message
+    assert "Reclaim policy is Retain" in volumes.event(p, "VolumeRetained")
     wait_for(
         "our finalizer to be removed",
         lambda: (
@@ -174,22 +162,16 @@ def test_admin_switching_a_pv_to_retain_wins_over_the_recorded_policy(
     admin.wait_gone("pv", p.volume)
 
 
-def test_archive_name_collision_gets_a_suffix(
-    admin: Kube,
-    setup: tuple[ProvisionerProcess, Path],
-    namespace: str,
-    storage_classes: StorageClasses,
-) -> None:
-    process, export = setup
-    class_name = storage_classes(
-        process.name, {"pathPattern": "${.PVC.namespace}-${.PVC.name}"}, prefix="gen"
+def test_archive_name_collision_gets_a_suffix(volumes: Volumes) -> None:
+    namespace, export = volumes.namespace, volumes.export
+    class_name = volumes.storage_class(
+        {"pathPattern": "${.PVC.namespace}-${.PVC.name}"}, prefix="gen"
     )
     for generation in (1, 2):
-        p = provision(admin, namespace, class_name, export, name="gen")
+        p = volumes.provision(class_name, name="gen")
         (p.directory / "generation").write_text(str(generation))
-        delete_claim(admin, p)
-        admin.wait_gone("pv", p.volume)
-        admin.wait_gone("pvc", "gen", namespace)
+        volumes.release(p)
+        volumes.admin.wait_gone("pvc", "gen", namespace)
     first = export / f"archived-{namespace}-gen"
     second = export / f"archived-{namespace}-gen-2"
     assert (first / "generation").read_text() == "1"
@@ -199,44 +181,30 @@ def test_archive_name_collision_gets_a_suffix(
 
 @pytest.mark.parametrize("policy", ["delete", "archive"])
 def test_nested_path_pattern_is_released_in_place_and_parents_stay(
-    admin: Kube,
-    setup: tuple[ProvisionerProcess, Path],
-    namespace: str,
-    policy: str,
-    storage_classes: StorageClasses,
+    volumes: Volumes, policy: str
 ) -> None:
-    process, export = setup
-    class_name = storage_classes(
-        process.name,
-        {"pathPattern": "${.PVC.namespace}/${.PVC.name}", "onDelete": policy},
-        prefix="nested",
+    namespace, export = volumes.namespace, volumes.export
+    class_name = volumes.storage_class(
+        {"pathPattern": "${.PVC.namespace}/${.PVC.name}", "onDelete": policy}, prefix="nested"
     )
-    p = provision(admin, namespace, class_name, export)
+    p = volumes.provision(class_name)
     assert p.directory == export / namespace / "data"
-    delete_claim(admin, p)
-    admin.wait_gone("pv", p.volume)
+    volumes.release(p)
     assert not p.directory.exists()
     expected = ["archived-data"] if policy == "archive" else []
     assert sorted(x.name for x in (export / namespace).iterdir()) == expected
 
 
 @pytest.mark.parametrize("recorded", ["../..", ".", "/etc"])
-def test_edited_pv_annotation_is_refused_and_nothing_moves(
-    admin: Kube,
-    setup: tuple[ProvisionerProcess, Path],
-    namespace: str,
-    recorded: str,
-    storage_classes: StorageClasses,
-) -> None:
-    process, export = setup
-    class_name = storage_classes(process.name, {"onDelete": "delete"}, prefix="tamper")
-    p = provision(admin, namespace, class_name, export)
+def test_edited_pv_annotation_is_refused_and_nothing_moves(volumes: Volumes, recorded: str) -> None:
+    admin, export = volumes.admin, volumes.export
+    p = volumes.provision(volumes.storage_class({"onDelete": "delete"}, prefix="tamper"))
     admin.run(
         "annotate", "pv", p.volume, "--overwrite", f"nfs.provisioner.dev/directory={recorded}"
     )
     before = snapshot(export)
-    delete_claim(admin, p)
-    message = admin.wait_event(None, p.volume, "VolumeFailedDelete")
+    volumes.delete_claim(p)
+    message = volumes.event(p, "VolumeFailedDelete")
     assert f'recorded directory "{recorded}" is unsafe' in message
     assert p.volume in message
     assert snapshot(export) == before
@@ -253,38 +221,23 @@ def test_edited_pv_annotation_is_refused_and_nothing_moves(
     assert not p.directory.exists()
 
 
-def test_deleted_storage_class_still_gets_the_recorded_policy(
-    admin: Kube,
-    setup: tuple[ProvisionerProcess, Path],
-    namespace: str,
-    storage_classes: StorageClasses,
-) -> None:
-    process, export = setup
-    class_name = storage_classes(process.name, {"onDelete": "delete"}, prefix="gone")
-    p = provision(admin, namespace, class_name, export)
-    admin.run("delete", "storageclass", class_name)
-    delete_claim(admin, p)
-    admin.wait_gone("pv", p.volume)
+def test_deleted_storage_class_still_gets_the_recorded_policy(volumes: Volumes) -> None:
+    class_name = volumes.storage_class({"onDelete": "delete"}, prefix="gone")
+    p = volumes.provision(class_name)
+    volumes.admin.run("delete", "storageclass", class_name)
+    volumes.release(p)
     assert not p.directory.exists()
-    assert not any(entries(export))
+    assert not any(entries(volumes.export))
 
 
-def test_missing_directory_is_success_with_a_warning(
-    admin: Kube,
-    setup: tuple[ProvisionerProcess, Path],
-    namespace: str,
-    storage_classes: StorageClasses,
-) -> None:
-    process, export = setup
-    class_name = storage_classes(process.name, {"onDelete": "archive"}, prefix="vanished")
-    p = provision(admin, namespace, class_name, export)
+def test_missing_directory_is_success_with_a_warning(volumes: Volumes) -> None:
+    p = volumes.provision(volumes.storage_class({"onDelete": "archive"}, prefix="vanished"))
     (p.directory / "SUCCESS").unlink()
     p.directory.rmdir()
-    delete_claim(admin, p)
-    admin.wait_gone("pv", p.volume)
-    assert "already missing" in admin.wait_event(None, p.volume, "VolumeArchived")
-    assert not any(entries(export))
-    assert "was already missing" in process.logs()
+    volumes.release(p)
+    assert "already missing" in volumes.event(p, "VolumeArchived")
+    assert not any(entries(volumes.export))
+    assert "was already missing" in volumes.process.logs()
 
 
 @pytest.mark.parametrize(
@@ -298,10 +251,10 @@ def test_failing_remove_reports_and_other_volumes_complete(
     admin: Kube,
     provisioner: StartProvisioner,
     namespace: str,
+    storage_classes: StorageClasses,
     tmp_path: Path,
     effect: str,
     expected: str,
-    storage_classes: StorageClasses,
 ) -> None:
     faults = tmp_path / "faults.json"
     write_fault_rules(
@@ -309,14 +262,13 @@ def test_failing_remove_reports_and_other_volumes_complete(
         [FaultRule(op="unlink", match="-blocked-", effect=effect, errno="EACCES")],  # type: ignore[arg-type]
     )
     process = provisioner(NFS_PROVISIONER_UNSAFE_FAULTS_FILE=str(faults), FS_TIMEOUT="1")
-    export = tmp_path / "export"
-    class_name = storage_classes(process.name, {"onDelete": "delete"}, prefix="faulty")
-    blocked = provision(admin, namespace, class_name, export, name="blocked")
-    fine = provision(admin, namespace, class_name, export, name="fine")
-    delete_claim(admin, blocked)
-    delete_claim(admin, fine)
-    message = admin.wait_event(None, blocked.volume, "VolumeFailedDelete")
-    assert expected in message
+    volumes = Volumes(admin, namespace, process, tmp_path / "export", storage_classes)
+    class_name = volumes.storage_class({"onDelete": "delete"}, prefix="faulty")
+    blocked = volumes.provision(class_name, name="blocked")
+    fine = volumes.provision(class_name, name="fine")
+    volumes.delete_claim(blocked)
+    volumes.delete_claim(fine)
+    assert expected in volumes.event(blocked, "VolumeFailedDelete")
     admin.wait_gone("pv", fine.volume)
     assert not fine.directory.exists()
     assert (blocked.directory / "SUCCESS").exists()
@@ -326,38 +278,28 @@ def test_failing_remove_reports_and_other_volumes_complete(
     assert not blocked.directory.exists()
 
 
-def test_statefulset_style_claims_are_created_and_released(
-    admin: Kube,
-    setup: tuple[ProvisionerProcess, Path],
-    namespace: str,
-    storage_classes: StorageClasses,
-) -> None:
-    process, export = setup
-    class_name = storage_classes(process.name, {"archiveOnDelete": "false"}, prefix="sts")
+def test_statefulset_style_claims_are_created_and_released(volumes: Volumes) -> None:
+    namespace = volumes.namespace
+    class_name = volumes.storage_class({"archiveOnDelete": "false"}, prefix="sts")
     claims = [
-        provision(admin, namespace, class_name, export, name=f"data-web-{i}", labels={"app": "web"})
-        for i in range(2)
+        volumes.provision(class_name, name=f"data-web-{i}", labels={"app": "web"}) for i in range(2)
     ]
     assert sorted(c.directory.name for c in claims) == sorted(
         f"{namespace}-data-web-{i}-{c.volume}" for i, c in enumerate(claims)
     )
-    admin.run("delete", "pvc", "-l", "app=web", "-n", namespace, "--wait=false")
+    volumes.admin.run("delete", "pvc", "-l", "app=web", "-n", namespace, "--wait=false")
     for c in claims:
-        admin.wait_gone("pv", c.volume)
-    assert not any(entries(export))
+        volumes.admin.wait_gone("pv", c.volume)
+    assert not any(entries(volumes.export))
 
 
 def test_crash_mid_batch_of_releases_converges(
-    admin: Kube,
-    provisioner: StartProvisioner,
-    namespace: str,
-    tmp_path: Path,
-    storage_classes: StorageClasses,
+    volumes: Volumes, provisioner: StartProvisioner
 ) -> None:
-    export = tmp_path / "export"
-    process = provisioner()
-    delete_class = storage_classes(process.name, {"onDelete": "delete"}, prefix="crash-del")
-    archive_class = storage_classes(process.name, {"onDelete": "archive"}, prefix="crash-arc")
+    admin, namespace, export = volumes.admin, volumes.namespace, volumes.export
+    process = volumes.process
+    delete_class = volumes.storage_class({"onDelete": "delete"}, prefix="crash-del")
+    archive_class = volumes.storage_class({"onDelete": "archive"}, prefix="crash-arc")
     names = [f"r{i:02d}" for i in range(20)]
     admin.apply(
         "\n---\n".join(

@@ -16,7 +16,6 @@ answer 403 for a moment (its RBAC caches are still filling); kopf retries those.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,14 @@ import pytest
 from controlplane.binaries import KUBE_APISERVER, KUBE_CONTROLLER_MANAGER
 from controlplane.runner import ControlPlane
 from tests.integration.conftest import StartProvisioner, StorageClasses
-from tests.integration.harness import Kube, claim, entries, wait_for
+from tests.integration.harness import (
+    Kube,
+    claim,
+    claims_resource_version,
+    entries,
+    wait_for,
+    wait_for_410_after_restart,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -54,22 +60,6 @@ def _volumes_of(admin: Kube, provisioner_name: str) -> list[dict[str, Any]]:
     ]
 
 
-def _watch_answer(admin: Kube, resource_version: str) -> dict[str, Any] | None:
-    """The first event of a claim watch resumed at ``resource_version`` (None: not served yet)."""
-    out = admin.run(
-        "get",
-        "--raw",
-        f"/api/v1/persistentvolumeclaims?watch=1&resourceVersion={resource_version}"
-        "&timeoutSeconds=1",
-        check=False,
-    )
-    first = next((line for line in out.splitlines() if line.strip()), None)
-    if first is None:
-        return None
-    event: dict[str, Any] = json.loads(first)
-    return event
-
-
 def test_apiserver_restart_resumes_watches_and_loses_or_duplicates_nothing(
     admin: Kube,
     provisioner: StartProvisioner,
@@ -92,27 +82,11 @@ def test_apiserver_restart_resumes_watches_and_loses_or_duplicates_nothing(
         assert first_dir.is_dir()
         # Its Event is posted just after the PV is saved; let it land before the server goes down.
         admin.wait_event(namespace, "first", "ProvisioningSucceeded", timeout=WAIT)
-        # The raw list: kubectl's own `get -o json` List carries no resourceVersion.
-        old_rv = json.loads(admin.run("get", "--raw", "/api/v1/persistentvolumeclaims"))[
-            "metadata"
-        ]["resourceVersion"]
-        assert old_rv
-
+        old_rv = claims_resource_version(admin)
         control_plane.restart(KUBE_APISERVER)  # nothing is created while it is down
         assert control_plane.server == server
-        wait_for(
-            "kubectl to answer again",
-            lambda: admin.run("get", "--raw", "/readyz", check=False).strip() == "ok",
-            timeout=WAIT,
-        )
         # What a watch resumed from before the restart gets: 410 Gone, so kopf has to re-list.
-        answer = wait_for(
-            "a watch resumed from before the restart to be answered",
-            lambda: _watch_answer(admin, old_rv),
-            timeout=WAIT,
-        )
-        assert answer["type"] == "ERROR", answer
-        assert answer["object"]["code"] == 410, answer
+        wait_for_410_after_restart(admin, old_rv, timeout=WAIT)
 
         after_class = storage_classes(process.name, params, prefix="after-restart")
         classes = [before_class, after_class]
