@@ -11,11 +11,10 @@ export lock as every other write, and prints what it did.
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Iterable
 from pathlib import Path
 
-from provisioner import core
+from provisioner import core, journal
 from provisioner.api import ApiError
 from provisioner.config import Handover, Settings
 from provisioner.journal import Owner
@@ -69,7 +68,7 @@ async def run(settings: Settings, request: Handover, calls: Syscalls) -> tuple[i
         cluster=cluster.primary,
         namespace=request.namespace,
         provisioner=settings.provisioner_name,
-        since=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        since=journal.timestamp(),
     )
     try:
         await storage.record_owner(request.directory, owner)

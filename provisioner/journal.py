@@ -25,6 +25,7 @@ or prometheus here.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import hashlib
 import json
 import os
@@ -40,6 +41,11 @@ SCRATCH = (JOURNAL_DIR, "tmp")
 RECORD = "owner.json"
 _MAX_MIRROR_NAME = 255
 _VERSION = 1
+
+
+def timestamp() -> str:
+    """Now, as records and PV annotations write it (RFC 3339, UTC, seconds)."""
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass(frozen=True)

@@ -11,31 +11,29 @@ A claim: ``reconcile_claim`` -> ``provisioning.decide`` (ignore, wait or refuse 
 the directory reserved -> ``_confirmed`` -> ``_provision``: inspect, ``provisioning.decide``
 again with the inspection -> ``_make_directory`` -> ``_save`` (the PV).
 
-A release: ``reconcile_volume`` -> ``releasing.decide`` -> ``_adopt`` or ``_record_policy``
+A release: ``reconcile_volume`` -> ``releasing.decide`` -> a migration step for ``adopter``
 (then decide again) -> ``_release`` -> ``_apply_on_delete`` -> the PV deleted, finalizer dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
 
-from provisioner import adoption, core, ownership, paths, provisioning, releasing
-from provisioner.api import ApiError, Conflict, KubeApi, NotFound, ObjectRef
+from provisioner import core, journal, ownership, paths, provisioning, releasing
+from provisioner.adopter import Adopter, volume_ref
+from provisioner.api import ApiError, Conflict, KubeApi, ObjectRef
 from provisioner.cache import Cache
 from provisioner.config import (
     Settings,
 )
-from provisioner.journal import Owner
 from provisioner.metrics import Metrics
 from provisioner.reservations import Busy
 from provisioner.safefs import Redirected
 from provisioner.storage import DirOwner, Storage, StorageError
-from provisioner.workqueue import Backoff, WorkQueue
+from provisioner.workqueue import Backoff, RetryLater, WorkQueue
 
 logger = logging.getLogger(__name__)
 
@@ -45,19 +43,11 @@ RELEASE_STEPS = 5
 """Decisions per release: adopt, record the policy (a conflict or two), then act."""
 
 
-class RetryLater(Exception):
-    """The attempt failed for a reason that may pass; the queue retries with backoff."""
-
-
 @dataclass(frozen=True)
 class Identity:
     """Who we are in Events (``source.component``), as the upstream library spells it."""
 
     component: str
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _claim_holder(claim: core.Claim) -> str:
@@ -73,10 +63,6 @@ def claim_ref(claim: core.Claim) -> ObjectRef:
         uid=claim.uid,
         resource_version=claim.resource_version,
     )
-
-
-def volume_ref(volume: core.Volume) -> ObjectRef:
-    return ObjectRef(kind="PersistentVolume", name=volume.name, uid=volume.uid)
 
 
 class Reconciler:
@@ -96,15 +82,9 @@ class Reconciler:
         self.metrics = metrics
         self.identity = identity
         self.export = core.Export(settings.nfs_server, settings.nfs_path)
-        self.cluster = ""
-        """The cluster's identity (identity.py), set by app before the first reconcile; recorded
-        on the export."""
-        self.patch_volumes = True
-        """Whether PVs may be patched (permissions.PATCH_VOLUMES), set by app with ``cluster``.
-        Without: no finalizer on new PVs, and what adoption records stays in ``_unrecorded``."""
-        # PV uid -> (its name, our annotations a patch would have written: adoption, its
-        # policy, a refusal) when PVs may not be patched: this process's memory of them.
-        self._unrecorded: dict[str, tuple[str, dict[str, str]]] = {}
+        self.adopter = Adopter(
+            settings.provisioner_name, self.export, cache, kube, storage, self._event
+        )
         self.queue = WorkQueue(
             self.reconcile,
             workers=settings.workers,
@@ -130,6 +110,26 @@ class Reconciler:
         self._leading = False
 
     # --- entry points ----------------------------------------------------------------------------
+
+    @property
+    def cluster(self) -> str:
+        """The cluster's identity (identity.py), set by app before the first reconcile; recorded
+        on the export."""
+        return self.adopter.cluster
+
+    @cluster.setter
+    def cluster(self, value: str) -> None:
+        self.adopter.cluster = value
+
+    @property
+    def patch_volumes(self) -> bool:
+        """Whether PVs may be patched (permissions.PATCH_VOLUMES), set by app with ``cluster``.
+        Without: no finalizer on new PVs, and the adopter keeps what it records in memory."""
+        return self.adopter.patch_volumes
+
+    @patch_volumes.setter
+    def patch_volumes(self, value: bool) -> None:
+        self.adopter.patch_volumes = value
 
     def enqueue_claim(self, uid: str, delivered: bool = False) -> None:
         """``delivered``: the watch just brought this claim (not a resync, a retry, a class or
@@ -174,8 +174,7 @@ class Reconciler:
 
     def forget_volume(self, name: str) -> None:
         self._released.discard(name)
-        for uid in [uid for uid, (pv, _) in self._unrecorded.items() if pv == name]:
-            del self._unrecorded[uid]
+        self.adopter.forget(name)
         self.queue.forget(f"{VOLUME}:{name}")
         # A refused claim may have been waiting for this volume's directory: try it again now
         # rather than at the next resync.
@@ -247,7 +246,7 @@ class Reconciler:
             inspection=inspection,
             cluster=self.cluster,
             provisioner_namespace=self.settings.namespace,
-            now=_now(),
+            now=journal.timestamp(),
         )
 
     async def _settled(self, claim: core.Claim, plan: provisioning.ClaimPlan) -> bool:
@@ -443,18 +442,17 @@ class Reconciler:
         volume = self.cache.volume(name)
         if volume is None or name in self._released:
             return
-        if volume.uid in self._unrecorded:
-            volume = core.with_annotations(volume, self._unrecorded[volume.uid][1])
+        volume = self.adopter.with_recorded(volume)
         started = time.monotonic()
         # Adoption and recording an adopted PV's policy change the PV: decide again after each.
         for _step in range(RELEASE_STEPS):
             plan = releasing.decide(self._volume_facts(volume))
             if plan.step is releasing.Step.ADOPT:
                 assert plan.located is not None
-                changed = await self._adopt(volume, plan.located)
+                changed = await self.adopter.adopt(volume, plan.located)
             elif plan.step is releasing.Step.RECORD_POLICY:
                 assert plan.policy is not None
-                changed = await self._record_policy(volume, plan.policy)
+                changed = await self.adopter.record_policy(volume, plan.policy)
             else:
                 await self._release(volume, plan, started)
                 return
@@ -482,7 +480,7 @@ class Reconciler:
             return
         if plan.step is releasing.Step.REFUSE_ADOPTION:
             assert plan.refusal is not None
-            await self._refuse_adoption(volume, plan.refusal)
+            await self.adopter.refuse(volume, plan.refusal)
             return
         ref = volume_ref(volume)
         if plan.step is releasing.Step.DROP_FINALIZER:
@@ -530,116 +528,6 @@ class Reconciler:
         if archive is None:
             logger.warning("volume %s: directory %s was already missing", volume.name, directory)
         return releasing.archived(plan, archive)
-
-    # --- volumes: adoption of the previous provisioner's ----------------------------------------
-
-    async def _adopt(self, volume: core.Volume, located: adoption.Located) -> core.Volume | None:
-        """Record a PV of the previous provisioner as ours (adoption.py), once; None when it
-        was refused (one Warning, then left alone) or is gone."""
-        directory = located.directory
-        holder = f"the adoption of PersistentVolume {volume.name}"
-        try:
-            async with self.storage.reserve(holder, directory):
-                inspection = await self.storage.inspect(directory)
-                if inspection.exists and inspection.leaf_owner is None and volume.claim_namespace:
-                    # Before the PV is patched: a retry re-inspects and finds the record.
-                    owner = Owner(
-                        cluster=self.cluster,
-                        namespace=volume.claim_namespace,
-                        provisioner=self.settings.provisioner_name,
-                        volume=volume.name,
-                        since=_now(),
-                    )
-                    await self.storage.record_owner(directory, owner, holder)
-        except Redirected as error:
-            await self._refuse_adoption(
-                volume, adoption.Refusal(adoption.redirected_reason(error.where, error.what))
-            )
-            return None
-        except (StorageError, Busy) as error:
-            raise RetryLater(f"volume {volume.name}: cannot adopt it yet: {error}") from error
-        adopted = await self._record(
-            volume, adoption.adoption_patch(volume, located, self.export, _now())
-        )
-        if adopted is None:
-            return None
-        logger.info("volume %s: adopted with directory %s", volume.name, directory)
-        self._event(
-            volume_ref(adopted),
-            "Normal",
-            "VolumeAdopted",
-            adoption.adopted_message(volume, located, inspection.exists),
-        )
-        return adopted
-
-    async def _refuse_adoption(self, volume: core.Volume, refusal: adoption.Refusal) -> None:
-        """Once: the annotation makes the refusal visible and stops every later attempt (in
-        memory, once per process, when PVs may not be patched)."""
-        if await self._record(volume, adoption.refusal_patch(volume, refusal)) is None:
-            return
-        logger.warning("volume %s: not adopted: %s", volume.name, refusal.reason)
-        self._event(
-            volume_ref(volume),
-            "Warning",
-            "AdoptionRefused",
-            adoption.refusal_message(volume, refusal),
-        )
-
-    async def _record_policy(
-        self, volume: core.Volume, policy: adoption.LegacyPolicy
-    ) -> core.Volume | None:
-        """Record the policy an adopted PV gets (resolved from its StorageClass as it is now) so
-        every retry applies the same one. The PV often changes under us right then (the PV
-        controller marks it Released): a conflict re-reads it, and the release decides again;
-        None when the PV is gone."""
-        patch = adoption.policy_patch(volume, policy)
-        if not self.patch_volumes:
-            recorded: core.Volume | None = self._keep_unrecorded(volume, patch)
-        else:
-            try:
-                recorded = core.volume_from(await self.kube.patch_volume(volume.name, patch))
-            except Conflict:
-                fresh = await self.kube.get_volume(volume.name)
-                recorded = None if fresh is None else core.volume_from(fresh)
-                if recorded is not None:
-                    self.cache.put_volume(recorded)
-                return recorded
-            except NotFound:
-                return None
-            self.cache.put_volume(recorded)
-        logger.info("volume %s: on-delete %s: %s", volume.name, policy.on_delete, policy.basis)
-        return recorded
-
-    async def _record(self, volume: core.Volume, patch: dict[str, Any]) -> core.Volume | None:
-        """Record ``patch`` (our annotations) on the PV, or in memory when PVs may not be
-        patched; the volume as it now reads, None if the PV is gone."""
-        if not self.patch_volumes:
-            return self._keep_unrecorded(volume, patch)
-        saved = await self._patch_volume(volume, patch)
-        if saved is None:
-            return None
-        recorded = core.volume_from(saved)
-        self.cache.put_volume(recorded)
-        return recorded
-
-    def _keep_unrecorded(self, volume: core.Volume, patch: dict[str, Any]) -> core.Volume:
-        """Remember the annotations ``patch`` would have written on ``volume`` (PVs may not be
-        patched), and return the volume as it would then read."""
-        annotations: dict[str, str] = patch["metadata"]["annotations"]
-        self._unrecorded.setdefault(volume.uid, (volume.name, {}))[1].update(annotations)
-        return core.with_annotations(volume, annotations)
-
-    async def _patch_volume(
-        self, volume: core.Volume, patch: dict[str, object]
-    ) -> dict[str, object] | None:
-        """Apply a merge patch carrying the resourceVersion read; None if the PV is gone. A
-        conflict is retried with backoff: the watch brings the newer version meanwhile."""
-        try:
-            return await self.kube.patch_volume(volume.name, patch)
-        except NotFound:
-            return None
-        except Conflict as error:
-            raise RetryLater(f"volume {volume.name}: changed while being patched") from error
 
     async def _drop_finalizer(self, volume: core.Volume) -> None:
         """Remove our finalizer: one request, whatever changed since the PV was read."""

@@ -17,6 +17,10 @@ from dataclasses import dataclass
 logger = logging.getLogger(__name__)
 
 
+class RetryLater(Exception):
+    """The attempt failed for a reason that may pass; the queue retries with backoff."""
+
+
 @dataclass(frozen=True)
 class Backoff:
     base: float = 1.0

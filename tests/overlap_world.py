@@ -22,9 +22,10 @@ from provisioner.cache import Cache
 from provisioner.config import Settings
 from provisioner.journal import Owner
 from provisioner.metrics import Metrics
-from provisioner.reconciler import Identity, Reconciler, RetryLater
+from provisioner.reconciler import Identity, Reconciler
 from provisioner.safefs import LocalSyscalls, Syscalls, Tree
 from provisioner.storage import Storage
+from provisioner.workqueue import RetryLater
 from tests.fakes import FakeKube
 
 NAME = "test.io/nfs"

@@ -29,9 +29,10 @@ from provisioner.config import LockKind, Settings
 from provisioner.journal import Intent, Owner
 from provisioner.metrics import Metrics
 from provisioner.paths import parse_relative
-from provisioner.reconciler import Identity, Reconciler, RetryLater
+from provisioner.reconciler import Identity, Reconciler
 from provisioner.safefs import LocalSyscalls
 from provisioner.storage import DirOwner, Storage
+from provisioner.workqueue import RetryLater
 from tests.fakes import FakeKube, _merge
 
 REPO = Path(__file__).resolve().parents[2]

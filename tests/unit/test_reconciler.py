@@ -22,9 +22,10 @@ from provisioner.api import JSON, ApiError
 from provisioner.cache import Cache
 from provisioner.config import Settings
 from provisioner.metrics import Metrics
-from provisioner.reconciler import Identity, Reconciler, RetryLater
+from provisioner.reconciler import Identity, Reconciler
 from provisioner.safefs import LocalSyscalls
 from provisioner.storage import Storage
+from provisioner.workqueue import RetryLater
 from tests.fakes import FakeKube
 
 NAME = "test.io/nfs"
