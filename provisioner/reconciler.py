@@ -246,7 +246,7 @@ class Reconciler:
             inspection=inspection,
             cluster=self.cluster,
             provisioner_namespace=self.settings.namespace,
-            now=journal.timestamp(),
+            now=journal.timestamp() if inspection is not None else "",
         )
 
     async def _settled(self, claim: core.Claim, plan: provisioning.ClaimPlan) -> bool:
