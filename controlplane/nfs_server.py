@@ -154,6 +154,26 @@ class NfsServer:
 def start(state: Path, timeout: float = 20.0) -> NfsServer:
     """Write the configuration under ``state`` and start the server; raise if it is not ready."""
     state = state.resolve()
+    seeds, squash = _make_exports(state)
+    conf = _write_config(state, seeds, squash)
+    log = state / "ganesha.log"
+    log.write_text("")
+    for name in ("netns.pid", "rpcbind.pid", "ganesha.pid"):
+        (state / name).unlink(missing_ok=True)
+    script = _write_script(state, conf, log)
+    with (state / "netns.out").open("wb") as out:
+        proc = subprocess.Popen(
+            ["unshare", "--net", "--mount", "--propagation", "private", "--fork", str(script)],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return _wait_ready(state, proc, log, (seeds, squash), timeout)
+
+
+def _make_exports(state: Path) -> tuple[Export, Export]:
+    """The state's directories, and the two exported ones with their owners and modes."""
     for sub in ("exports", "recovery", "run"):
         (state / sub).mkdir(parents=True, exist_ok=True)
     seeds = Export(state / "exports" / "seeds", "/k8s")
@@ -164,7 +184,11 @@ def start(state: Path, timeout: float = 20.0) -> NfsServer:
     squash.host_dir.mkdir(exist_ok=True)
     os.chown(squash.host_dir, NOBODY, NOBODY)
     squash.host_dir.chmod(0o755)
+    return seeds, squash
 
+
+def _write_config(state: Path, seeds: Export, squash: Export) -> Path:
+    """``ganesha.conf`` with both exports; returns its path."""
     exports = EXPORT.format(
         export_id=1,
         path=seeds.host_dir,
@@ -180,10 +204,11 @@ def start(state: Path, timeout: float = 20.0) -> NfsServer:
             nfs_port=NFS_PORT, mount_port=MOUNT_PORT, recovery=state / "recovery", exports=exports
         )
     )
-    log = state / "ganesha.log"
-    log.write_text("")
-    for name in ("netns.pid", "rpcbind.pid", "ganesha.pid"):
-        (state / name).unlink(missing_ok=True)
+    return conf
+
+
+def _write_script(state: Path, conf: Path, log: Path) -> Path:
+    """The namespace's script (lo, private /run, rpcbind, ganesha), executable; returns its path."""
     script = state / "netns.sh"
     script.write_text(
         SCRIPT.format(
@@ -195,14 +220,18 @@ def start(state: Path, timeout: float = 20.0) -> NfsServer:
         )
     )
     script.chmod(0o755)
-    with (state / "netns.out").open("wb") as out:
-        proc = subprocess.Popen(
-            ["unshare", "--net", "--mount", "--propagation", "private", "--fork", str(script)],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    return script
+
+
+def _wait_ready(
+    state: Path,
+    proc: subprocess.Popen[bytes],
+    log: Path,
+    exports: tuple[Export, Export],
+    timeout: float,
+) -> NfsServer:
+    """The server once ganesha logs :data:`READY_LINE`; else stop what started and raise."""
+    seeds, squash = exports
     deadline = time.monotonic() + timeout
     netns_pid = None
     while time.monotonic() < deadline:

@@ -85,9 +85,9 @@ from controlplane.processes import (
 )
 
 BUSYBOX_IMAGE = "docker.io/local/busybox:latest"
+"""Pods refer to it as ``local/busybox:latest`` with ``imagePullPolicy: Never``."""
 SEEDS_BUSYBOX_IMAGE = "docker.io/library/busybox:1.36"  # what the seeds' test-pod names
 SERVICE_PROXY = "service-proxy"
-"""Pods refer to it as ``local/busybox:latest`` with ``imagePullPolicy: Never``."""
 PAUSE_COMMAND = ("sleep", "2147483647")
 CONTAINERD = "containerd"
 STATE_FILE = "node.json"  # pids, the host as found, the kubeconfig: what `down` needs

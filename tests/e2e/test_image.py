@@ -28,15 +28,9 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.images import (
-    EXPECTED_USER,
-    PROJECT_TAG,
-    BuildResult,
-    apt_mirror,
-    build_project_image,
-    mounts_under,
-    pip_index_env,
-)
+from controlplane.baseimage import apt_mirror, pip_index_env
+from controlplane.imagehost import mounts_under
+from controlplane.images import EXPECTED_USER, PROJECT_TAG, BuildResult, build_project_image
 
 pytestmark = pytest.mark.e2e
 
