@@ -1,10 +1,10 @@
 """Adopting the previous provisioner's PVs: the side effects of what adoption.py decides.
 
-``releasing.decide`` says when a PV needs a step of the migration (``ADOPT``, ``REFUSE_ADOPTION``,
-``RECORD_POLICY``); the reconciler hands that step to the ``Adopter`` and decides again with the
-PV it gets back. The Adopter writes the owner record on the export (under the directory's
-reservation) and our annotations on the PV: the adoption, a refusal, or the on-delete policy
-resolved at the first release attempt. When the provisioner may not patch PVs
+``releasing.plan_release`` says when a PV needs a step of the migration (``ADOPT``,
+``REFUSE_ADOPTION``, ``RECORD_POLICY``); the reconciler hands that step to the ``Adopter`` and
+plans again with the PV it gets back. The Adopter writes the owner record on the export (under
+the directory's reservation) and our annotations on the PV: the adoption, a refusal, or the
+on-delete policy resolved at the first release attempt. When the provisioner may not patch PVs
 (``permissions.PATCH_VOLUMES``, nfs-subdir's own RBAC), it keeps those annotations in this
 process's memory instead and ``with_recorded`` reads them back exactly as the patch would have.
 Nothing of the old provisioner's rules is decided here.

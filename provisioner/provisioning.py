@@ -1,6 +1,6 @@
 """What to do with a claim: one pure decision, and every refusal the reconciler reports.
 
-The reconciler gathers what it knows about a claim into ``ClaimFacts`` and asks ``decide``; it
+The reconciler gathers what it knows about a claim into ``ClaimFacts`` and asks ``plan_claim``; it
 executes the answer and decides nothing itself. The steps, in the order they are asked:
 
 1. ``core.decide_claim``: is the claim ours, and can it be provisioned now (SPEC §3)? Claims
@@ -75,7 +75,7 @@ class ClaimPlan:
     """REUSE of a directory without a record: write ``tenant``'s."""
 
 
-def decide(facts: ClaimFacts) -> ClaimPlan:
+def plan_claim(facts: ClaimFacts) -> ClaimPlan:
     """Ignore, wait, refuse, inspect, create or reuse: see the module docstring for the order."""
     claim = facts.claim
     gate = core.decide_claim(

@@ -2,16 +2,16 @@
 
 The kopf handlers feed the cache and enqueue keys; ``resync`` lists and enqueues everything
 periodically. One ``reconcile`` per key reads the cache, asks the pure decision of its kind what
-to do (``provisioning.decide`` for a claim, ``releasing.decide`` for a PV), does it through
-``storage`` and the ``api.KubeApi`` seam, and records Events and metrics. It decides nothing
+to do (``provisioning.plan_claim`` for a claim, ``releasing.plan_release`` for a PV), does it
+through ``storage`` and the ``api.KubeApi`` seam, and records Events and metrics. It decides nothing
 itself. Every step is idempotent: the PV name is fixed by the claim and a release reads only
 what the PV recorded, so repeating work after a crash is harmless.
 
-A claim: ``reconcile_claim`` -> ``provisioning.decide`` (ignore, wait or refuse end here) ->
-the directory reserved -> ``_confirmed`` -> ``_provision``: inspect, ``provisioning.decide``
+A claim: ``reconcile_claim`` -> ``provisioning.plan_claim`` (ignore, wait or refuse end here) ->
+the directory reserved -> ``_confirmed`` -> ``_provision``: inspect, ``provisioning.plan_claim``
 again with the inspection -> ``_make_directory`` -> ``_save`` (the PV).
 
-A release: ``reconcile_volume`` -> ``releasing.decide`` -> a migration step for ``adopter``
+A release: ``reconcile_volume`` -> ``releasing.plan_release`` -> a migration step for ``adopter``
 (then decide again) -> ``_release`` -> ``_apply_on_delete`` -> the PV deleted, finalizer dropped.
 """
 
@@ -218,7 +218,7 @@ class Reconciler:
         claim = self.cache.claim(uid)
         if claim is None:
             return
-        plan = provisioning.decide(self._claim_facts(claim))
+        plan = provisioning.plan_claim(self._claim_facts(claim))
         if await self._settled(claim, plan):
             return
         assert plan.directory is not None  # INSPECT names the directory to reserve
@@ -299,7 +299,7 @@ class Reconciler:
         started = time.monotonic()
         try:
             inspection = await self.storage.inspect(directory)
-            plan = provisioning.decide(self._claim_facts(claim, inspection))
+            plan = provisioning.plan_claim(self._claim_facts(claim, inspection))
             if await self._settled(claim, plan):
                 return
             created = await self._make_directory(claim, plan)
@@ -446,7 +446,7 @@ class Reconciler:
         started = time.monotonic()
         # Adoption and recording an adopted PV's policy change the PV: decide again after each.
         for _step in range(RELEASE_STEPS):
-            plan = releasing.decide(self._volume_facts(volume))
+            plan = releasing.plan_release(self._volume_facts(volume))
             if plan.step is releasing.Step.ADOPT:
                 assert plan.located is not None
                 changed = await self.adopter.adopt(volume, plan.located)

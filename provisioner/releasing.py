@@ -1,6 +1,6 @@
 """What to do with a PersistentVolume: one pure decision, with the rules chosen once per PV.
 
-The reconciler gathers what it knows about a PV into ``VolumeFacts`` and asks ``decide``; it
+The reconciler gathers what it knows about a PV into ``VolumeFacts`` and asks ``plan_release``; it
 executes the step it gets and asks again after a step that changes the PV (adoption, recording
 a policy), at most a few times per reconcile. The order:
 
@@ -132,7 +132,7 @@ def rules_for(volume: core.Volume) -> Rules:
     return LEGACY if volume.adopted is not None else OWN
 
 
-def decide(facts: VolumeFacts) -> ReleasePlan:
+def plan_release(facts: VolumeFacts) -> ReleasePlan:
     """The next step for this PV: see the module docstring for the order."""
     volume = facts.volume
     standing = adoption.standing(volume, facts.provisioner_name)

@@ -1,4 +1,4 @@
-"""The one decision about a claim (provisioning.decide), as a table of named cases.
+"""The one decision about a claim (provisioning.plan_claim), as a table of named cases.
 
 Each row is everything known about a claim (class, parameters, the directory they render, the
 PVs that overlap it, what the export holds there) and what the reconciler is told to do. The
@@ -166,10 +166,10 @@ RELEASING = Inspection(existing=1, depth=1, operations=("archive of x by pvc-b",
         ),
     ],
 )
-def test_decide(
+def test_plan_claim(
     changes: dict[str, Any], verdict: Verdict, directory: str | None, reason_has: str
 ) -> None:
-    plan = provisioning.decide(facts(**changes))
+    plan = provisioning.plan_claim(facts(**changes))
     assert plan.verdict is verdict, plan.reason
     assert reason_has in plan.reason
     if directory is not None:
@@ -177,19 +177,19 @@ def test_decide(
 
 
 def test_create_and_reuse_carry_what_the_directory_and_the_pv_need() -> None:
-    created = provisioning.decide(
+    created = provisioning.plan_claim(
         facts(storage_class=with_class(onDelete="delete"), inspection=NOTHING)
     )
     assert created.tenant == OWN
     assert created.parameters is not None and created.parameters.on_delete.value == "delete"
     assert created.storage_class == with_class(onDelete="delete")
     assert not created.adopt
-    adopted = provisioning.decide(facts(inspection=UNRECORDED))
+    adopted = provisioning.plan_claim(facts(inspection=UNRECORDED))
     assert adopted.adopt and adopted.tenant == OWN
 
 
 def test_the_intent_names_claim_directory_and_us() -> None:
-    plan = provisioning.decide(facts(inspection=NOTHING))
+    plan = provisioning.plan_claim(facts(inspection=NOTHING))
     intent = provisioning.intent(CLAIM, plan)
     assert (intent.volume, intent.namespace, intent.claim, intent.claim_uid) == (
         "pvc-u1",
@@ -206,7 +206,7 @@ def test_the_intent_names_claim_directory_and_us() -> None:
 
 
 def test_a_symlink_on_the_path_is_refused_naming_claim_and_directory() -> None:
-    plan = provisioning.decide(facts())
+    plan = provisioning.plan_claim(facts())
     assert plan.directory is not None
     message = provisioning.redirected(CLAIM, plan.directory, OSError("a symbolic link"))
     assert message == f'claim "team-a/data": directory "{DEFAULT_DIR}": a symbolic link'

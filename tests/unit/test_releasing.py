@@ -1,4 +1,4 @@
-"""The one decision about a PersistentVolume (releasing.decide), as a table of named cases.
+"""The one decision about a PersistentVolume (releasing.plan_release), as a table of named cases.
 
 Each row is a PV as the reconciler sees it (ours, the old provisioner's, adopted), its class as
 it is now and the PVs that overlap its directory, and the step the reconciler is told to take.
@@ -156,8 +156,10 @@ def facts(volume: core.Volume, **changes: Any) -> VolumeFacts:
         ),
     ],
 )
-def test_decide(volume: core.Volume, changes: dict[str, Any], step: Step, reason_has: str) -> None:
-    plan = releasing.decide(facts(volume, **changes))
+def test_plan_release(
+    volume: core.Volume, changes: dict[str, Any], step: Step, reason_has: str
+) -> None:
+    plan = releasing.plan_release(facts(volume, **changes))
     assert plan.step is step, plan.reason
     assert reason_has in plan.reason
 
@@ -170,9 +172,9 @@ def test_the_rules_are_chosen_once_by_whether_the_pv_was_adopted() -> None:
 
 def test_the_legacy_policy_follows_the_class_as_it_is_at_release() -> None:
     deleting = dataclasses.replace(CLASS, parameters={"archiveOnDelete": "false"})
-    plan = releasing.decide(facts(ADOPTED, storage_class=deleting))
+    plan = releasing.plan_release(facts(ADOPTED, storage_class=deleting))
     assert plan.policy is not None and plan.policy.on_delete.value == "delete"
-    gone = releasing.decide(facts(ADOPTED, storage_class=None))
+    gone = releasing.plan_release(facts(ADOPTED, storage_class=None))
     assert gone.policy is not None and gone.policy.on_delete.value == "retain"
     assert gone.policy.caution
 
@@ -224,7 +226,7 @@ def test_the_legacy_policy_follows_the_class_as_it_is_at_release() -> None:
 def test_outcomes_are_worded_for_the_event(
     volume: core.Volume, outcome: Any, expected: tuple[str, str]
 ) -> None:
-    plan = releasing.decide(facts(volume))
+    plan = releasing.plan_release(facts(volume))
     if plan.step is Step.RETAIN:
         result = releasing.retained(plan)
     elif plan.step is Step.DELETE:
@@ -237,7 +239,7 @@ def test_outcomes_are_worded_for_the_event(
 def test_an_adopted_release_says_which_rule_applied_and_warns_when_it_should() -> None:
     basis = 'Warning: StorageClass "nfs-client" no longer exists; kept'
     volume = dataclasses.replace(ADOPTED, on_delete="retain", on_delete_basis=basis)
-    plan = releasing.decide(facts(volume))
+    plan = releasing.plan_release(facts(volume))
     result = releasing.retained(plan)
     assert result.event_type == "Warning"
     assert result.message.endswith(
