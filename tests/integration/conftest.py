@@ -1,15 +1,18 @@
 """Integration fixtures: RBAC from rbac/ applied once, the provisioner's ServiceAccount
-kubeconfig, a fresh namespace per test, provisioner subprocesses stopped after each test and
-StorageClasses deleted after each test."""
+kubeconfig, fresh namespaces per test, provisioner subprocesses stopped after each test and
+StorageClasses deleted after each test; ``install`` starts a provisioner with a StorageClass of
+it, the first step of most provisioning cases."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from controlplane.runner import ControlPlane
+from tests.faults import FaultRule, write_fault_rules
 from tests.integration.harness import REPO, Kube, ProvisionerProcess, storage_class, unique
 
 SA_NAMESPACE = "nfs-provisioner"
@@ -31,12 +34,29 @@ def sa_kubeconfig(
     return control_plane.service_account_kubeconfig(SA_NAMESPACE, SA_NAME, path)
 
 
+MakeNamespace = Callable[..., str]
+
+
 @pytest.fixture
-def namespace(admin: Kube) -> Iterator[str]:
-    name = unique("t")
-    admin.run("create", "namespace", name)
-    yield name
-    admin.run("delete", "namespace", name, "--wait=false", check=False)
+def new_namespace(admin: Kube) -> Iterator[MakeNamespace]:
+    """Create namespaces, by name or unique (``t-…``); all are deleted after the test."""
+    made: list[str] = []
+
+    def make(name: str | None = None) -> str:
+        name = name or unique("t")
+        admin.run("create", "namespace", name)
+        made.append(name)
+        return name
+
+    yield make
+    for name in made:
+        admin.run("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture
+def namespace(new_namespace: MakeNamespace) -> str:
+    """The test's own namespace, deleted after the test."""
+    return new_namespace()
 
 
 StartProvisioner = Callable[..., ProvisionerProcess]
@@ -129,3 +149,50 @@ def storage_classes(admin: Kube) -> Iterator[StorageClasses]:
     classes = StorageClasses(admin)
     yield classes
     classes.delete_all()
+
+
+@dataclass
+class Install:
+    """What the ``install`` fixture hands a test: call it to start a provisioner (its own name,
+    the export ``export``) and create a StorageClass of it.
+
+    ``install(parameters, prefix=..., default=..., faults=[...], **env)`` returns the process and
+    the class's name. With ``faults`` the provisioner is the fault-injecting one, reading its
+    rules from ``faults_file``, which the test may rewrite (``write_fault_rules``) to lift them.
+    """
+
+    start: StartProvisioner
+    storage_classes: StorageClasses
+    export: Path
+    faults_file: Path
+
+    def __call__(
+        self,
+        parameters: dict[str, str] | None = None,
+        *,
+        prefix: str,
+        default: bool = False,
+        faults: list[FaultRule] | None = None,
+        **env: str,
+    ) -> tuple[ProvisionerProcess, str]:
+        if faults is not None:
+            write_fault_rules(self.faults_file, faults)
+            env["NFS_PROVISIONER_UNSAFE_FAULTS_FILE"] = str(self.faults_file)
+        process = self.start(**env)
+        class_name = self.storage_classes(process.name, parameters, prefix=prefix, default=default)
+        return process, class_name
+
+
+@pytest.fixture
+def install(
+    provisioner: StartProvisioner,
+    namespace: str,
+    storage_classes: StorageClasses,
+    tmp_path: Path,
+) -> Install:
+    """Start a provisioner and a StorageClass of it (see ``Install``).
+
+    List it before ``namespace``: the teardown then deletes the classes, then the namespace,
+    then stops the provisioners, as it does for ``provisioner, namespace, storage_classes``.
+    """
+    return Install(provisioner, storage_classes, tmp_path / "export", tmp_path / "faults.json")

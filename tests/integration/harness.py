@@ -182,15 +182,27 @@ ANN_DIRECTORY = "nfs.provisioner.dev/directory"
 
 @dataclass(frozen=True)
 class Provisioned:
-    """A claim our provisioner has Bound, and where its PV says the data is."""
+    """A Bound claim, its PV, and where the PV says the data is."""
 
     name: str
     namespace: str
     volume: str
     recorded: str
-    """The PV's ``nfs.provisioner.dev/directory`` annotation, relative to the export."""
+    """The directory relative to the export: our PV's ``nfs.provisioner.dev/directory``
+    annotation; for an old provisioner's PV, the one its spec.nfs.path names ("" for the export
+    root), which adoption records."""
     directory: Path
     """``recorded`` under the test's export."""
+
+
+def bound(admin: Kube, namespace: str, name: str, export: Path) -> Provisioned:
+    """Wait until the claim ``name`` is Bound and read the directory its PV records."""
+    pvc = admin.wait_phase("pvc", name, "Bound", namespace)
+    volume = pvc["spec"]["volumeName"]
+    pv = admin.get("pv", volume)
+    assert pv is not None
+    recorded = pv["metadata"]["annotations"][ANN_DIRECTORY]
+    return Provisioned(name, namespace, volume, recorded, export / recorded)
 
 
 def provision(
@@ -199,12 +211,18 @@ def provision(
     """Apply the claim ``name`` (``claim``'s keywords), wait until it is Bound and read the
     directory its PV records."""
     admin.apply(claim(name, namespace, class_name, **kw))
-    pvc = admin.wait_phase("pvc", name, "Bound", namespace)
-    volume = pvc["spec"]["volumeName"]
-    pv = admin.get("pv", volume)
-    assert pv is not None
-    recorded = pv["metadata"]["annotations"][ANN_DIRECTORY]
-    return Provisioned(name, namespace, volume, recorded, export / recorded)
+    return bound(admin, namespace, name, export)
+
+
+def delete_claim(admin: Kube, p: Provisioned) -> None:
+    """Delete the claim without waiting: the release is the provisioner's to do."""
+    admin.run("delete", "pvc", p.name, "-n", p.namespace, "--wait=false")
+
+
+def release(admin: Kube, p: Provisioned) -> None:
+    """Delete the claim and wait until its PV is gone."""
+    delete_claim(admin, p)
+    admin.wait_gone("pv", p.volume)
 
 
 def claims_resource_version(admin: Kube) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from tests.faults import FaultRule, write_fault_rules
-from tests.integration.conftest import StartProvisioner, StorageClasses
+from tests.integration.conftest import Install, StorageClasses
 from tests.integration.harness import (
     REPO,
     Kube,
@@ -22,6 +22,7 @@ from tests.integration.harness import (
     check_env,
     claim,
     entries,
+    provision,
     run_cli,
     snapshot_for,
     unique,
@@ -158,30 +159,48 @@ def test_refused_claim_gets_an_event_and_nothing_is_created(
     assert snapshot_for(shared.export, namespace) == before
 
 
-def test_two_claims_rendering_one_directory_second_is_refused(
-    admin: Kube, shared: Shared, namespace: str, storage_classes: StorageClasses
+TAKEN = [
+    pytest.param("${.PVC.namespace}/shared", None, None, "{ns}/shared", id="same-directory"),
+    # A crafted annotation must not hand one tenant a directory inside another's volume.
+    pytest.param(
+        "${.PVC.annotations.dir}", "{ns}-v", "{ns}-v/data", "{ns}-v/data", id="inside-another"
+    ),
+]
+
+
+@pytest.mark.parametrize(("pattern", "first_dir", "second_dir", "taken"), TAKEN)
+def test_claim_rendering_a_directory_another_volume_uses_is_refused(
+    admin: Kube,
+    shared: Shared,
+    namespace: str,
+    storage_classes: StorageClasses,
+    pattern: str,
+    first_dir: str | None,
+    second_dir: str | None,
+    taken: str,
 ) -> None:
-    class_name = storage_classes(
-        shared.process.name, {"pathPattern": "${.PVC.namespace}/shared"}, prefix="same"
+    """The second claim renders the first one's directory, or one inside it (``dir`` is the
+    claims' annotation, where the pattern reads it)."""
+
+    def annotations(directory: str | None) -> dict[str, str] | None:
+        return None if directory is None else {"dir": directory.format(ns=namespace)}
+
+    class_name = storage_classes(shared.process.name, {"pathPattern": pattern}, prefix="taken")
+    first = provision(
+        admin, namespace, class_name, shared.export, "first", annotations=annotations(first_dir)
     )
-    admin.apply(claim("first", namespace, class_name))
-    first = admin.wait_phase("pvc", "first", "Bound", namespace)
-    (shared.export / namespace / "shared" / "data.txt").write_text("first's data")
+    (first.directory / "data.txt").write_text("first's data")
     before = snapshot_for(shared.export, namespace)
-    admin.apply(claim("second", namespace, class_name))
+    admin.apply(claim("second", namespace, class_name, annotations=annotations(second_dir)))
     event = admin.wait_event(namespace, "second", "ProvisioningFailed")
-    assert f'directory "{namespace}/shared" is already used by PersistentVolume' in event
-    assert first["spec"]["volumeName"] in event
+    assert f'directory "{taken.format(ns=namespace)}" is already used by PersistentVolume' in event
+    assert first.volume in event
     assert admin.phase("pvc", "second", namespace) == "Pending"
     assert snapshot_for(shared.export, namespace) == before
 
 
 def test_hung_filesystem_call_fails_the_attempt_and_others_continue(
-    admin: Kube,
-    provisioner: StartProvisioner,
-    namespace: str,
-    tmp_path: Path,
-    storage_classes: StorageClasses,
+    admin: Kube, install: Install, namespace: str
 ) -> None:
     """A call hung on one claim's directory must not hold up the others.
 
@@ -189,10 +208,11 @@ def test_hung_filesystem_call_fails_the_attempt_and_others_continue(
     "fine" while "stuck" has not failed yet; one that waits for the hung call (a serialised
     queue or filesystem pool) binds "fine" only after the timeout's ProvisioningFailed.
     """
-    faults = tmp_path / "faults.json"
-    write_fault_rules(faults, [FaultRule(op="mkdir", match="-stuck-", effect="hang")])
-    process = provisioner(NFS_PROVISIONER_UNSAFE_FAULTS_FILE=str(faults), FS_TIMEOUT="60")
-    class_name = storage_classes(process.name, prefix="hang")
+    _, class_name = install(
+        prefix="hang",
+        faults=[FaultRule(op="mkdir", match="-stuck-", effect="hang")],
+        FS_TIMEOUT="60",
+    )
     admin.apply(claim("stuck", namespace, class_name))
     admin.wait_event(namespace, "stuck", "Provisioning")  # posted just before the mkdir
     admin.apply(claim("fine", namespace, class_name))
@@ -201,26 +221,21 @@ def test_hung_filesystem_call_fails_the_attempt_and_others_continue(
     assert "ProvisioningFailed" not in stuck, "the hung call failed before the other claim bound"
     assert admin.phase("pvc", "stuck", namespace) == "Pending"
     # The mount recovers: the hung call returns and the claim is provisioned.
-    write_fault_rules(faults, [])
+    write_fault_rules(install.faults_file, [])
     admin.wait_phase("pvc", "stuck", "Bound", namespace, timeout=120)
 
 
 def test_failing_filesystem_call_names_the_cause_and_a_hint(
-    admin: Kube,
-    provisioner: StartProvisioner,
-    namespace: str,
-    tmp_path: Path,
-    storage_classes: StorageClasses,
+    admin: Kube, install: Install, namespace: str
 ) -> None:
-    faults = tmp_path / "faults.json"
-    write_fault_rules(faults, [FaultRule(op="mkdir", match="-denied-", errno="EACCES")])
-    process = provisioner(NFS_PROVISIONER_UNSAFE_FAULTS_FILE=str(faults))
-    class_name = storage_classes(process.name, prefix="eacces")
+    _, class_name = install(
+        prefix="eacces", faults=[FaultRule(op="mkdir", match="-denied-", errno="EACCES")]
+    )
     admin.apply(claim("denied", namespace, class_name))
     event = admin.wait_event(namespace, "denied", "ProvisioningFailed")
     assert "Permission denied" in event or "permission denied" in event
     assert "root_squash" in event
-    assert not any(entries(tmp_path / "export"))
+    assert not any(entries(install.export))
 
 
 # --- process configuration and preflight ------------------------------------------------------
@@ -329,20 +344,3 @@ def test_check_passes_with_the_shipped_rbac(sa_kubeconfig: Path, tmp_path: Path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "every RBAC permission the provisioner needs is granted" in result.stdout
     wait_for("probe file removed", lambda: list(entries(export)) == [], timeout=5)
-
-
-def test_claim_nested_inside_another_volume_is_refused(
-    admin: Kube, shared: Shared, namespace: str, storage_classes: StorageClasses
-) -> None:
-    """A crafted annotation must not hand one tenant a directory inside another's volume."""
-    class_name = storage_classes(
-        shared.process.name, {"pathPattern": "${.PVC.annotations.dir}"}, prefix="nest"
-    )
-    admin.apply(claim("outer", namespace, class_name, annotations={"dir": f"{namespace}-v"}))
-    outer = admin.wait_phase("pvc", "outer", "Bound", namespace)
-    before = snapshot_for(shared.export, namespace)
-    admin.apply(claim("inner", namespace, class_name, annotations={"dir": f"{namespace}-v/data"}))
-    event = admin.wait_event(namespace, "inner", "ProvisioningFailed")
-    assert f'directory "{namespace}-v/data" is already used by PersistentVolume' in event
-    assert outer["spec"]["volumeName"] in event
-    assert snapshot_for(shared.export, namespace) == before

@@ -1,8 +1,9 @@
 """Events and the failure metric under repetition: correlated Events, names for long claims,
 and ``provision_failed_total`` counting attempts, not resyncs.
 
-Each test starts its own provisioner; the hung-export test uses the fault seam
-(``tests/faults.py``) to make the claim's mkdir hang on every attempt.
+Each test starts its own provisioner with a StorageClass of it (the ``install`` fixture); the
+hung-export test uses the fault seam (``tests/faults.py``) to make the claim's mkdir hang on every
+attempt.
 """
 
 from __future__ import annotations
@@ -10,13 +11,12 @@ from __future__ import annotations
 import re
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.faults import FaultRule, write_fault_rules
-from tests.integration.conftest import StartProvisioner, StorageClasses
+from tests.integration.conftest import Install
 from tests.integration.harness import Kube, ProvisionerProcess, claim, wait_for
 
 pytestmark = pytest.mark.integration
@@ -57,10 +57,9 @@ def events_from(
 
 
 def test_refused_claim_with_the_longest_name_gets_its_event(
-    admin: Kube, provisioner: StartProvisioner, namespace: str, storage_classes: StorageClasses
+    admin: Kube, install: Install, namespace: str
 ) -> None:
-    process = provisioner()
-    class_name = storage_classes(process.name, {"onDelete": "shred"}, prefix="long")
+    process, class_name = install({"onDelete": "shred"}, prefix="long")
     # 253 characters, the longest claim name the API accepts; a dot near the cut point.
     name = ("a" * 60 + ".") * 3 + "b" * 70
     assert len(name) == 253
@@ -76,10 +75,9 @@ def test_refused_claim_with_the_longest_name_gets_its_event(
 
 
 def test_refusal_is_counted_once_across_resyncs(
-    admin: Kube, provisioner: StartProvisioner, namespace: str, storage_classes: StorageClasses
+    admin: Kube, install: Install, namespace: str
 ) -> None:
-    process = provisioner(RESYNC_PERIOD="2")
-    class_name = storage_classes(process.name, {"archiveOnDelte": "false"}, prefix="count")
+    process, class_name = install({"archiveOnDelte": "false"}, prefix="count", RESYNC_PERIOD="2")
     admin.apply(claim("refused", namespace, class_name))
     admin.wait_event(namespace, "refused", "ProvisioningFailed")
     seen = process.logs().count("resync: re-queueing")
@@ -106,23 +104,17 @@ def _occurrences(events: list[dict[str, Any]]) -> Counter[tuple[str, str]]:
 
 
 def test_hung_export_retries_patch_one_event_instead_of_creating_many(
-    admin: Kube,
-    provisioner: StartProvisioner,
-    namespace: str,
-    tmp_path: Path,
-    storage_classes: StorageClasses,
+    admin: Kube, install: Install, namespace: str
 ) -> None:
-    faults = tmp_path / "faults.json"
-    write_fault_rules(faults, [FaultRule(op="mkdir", match="-hung-", effect="hang")])
-    process = provisioner(
-        NFS_PROVISIONER_UNSAFE_FAULTS_FILE=str(faults),
+    process, class_name = install(
+        prefix="hung",
+        faults=[FaultRule(op="mkdir", match="-hung-", effect="hang")],
         FS_TIMEOUT="1",
         RETRY_BACKOFF_BASE="0.2",
         RETRY_BACKOFF_MAX="0.5",
     )
-    started = time.monotonic()
+    started = time.monotonic()  # before the claim, so before its first Event
     try:
-        class_name = storage_classes(process.name, prefix="hung")
         admin.apply(claim("hung", namespace, class_name))
 
         def failed_count() -> int | None:
@@ -158,4 +150,4 @@ def test_hung_export_retries_patch_one_event_instead_of_creating_many(
         )
         assert posted <= 25 + refills
     finally:
-        write_fault_rules(faults, [])  # the stuck threads finish
+        write_fault_rules(install.faults_file, [])  # the stuck threads finish

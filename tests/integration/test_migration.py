@@ -20,22 +20,23 @@ import re
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from controlplane.binaries import kubectl_binary
-from tests.integration.conftest import StartProvisioner, StorageClasses
+from tests.integration.conftest import MakeNamespace, StartProvisioner, StorageClasses
 from tests.integration.harness import (
     NFS_PATH,
     NFS_SERVER,
     REPO,
     Kube,
+    Provisioned,
     ProvisionerProcess,
     claim,
+    delete_claim,
+    release,
     snapshot,
     unique,
     wait_for,
@@ -54,16 +55,6 @@ BETA_CLASS = "volume.beta.kubernetes.io/storage-class"
 # --- the old provisioners' objects ---------------------------------------------------------------
 
 
-@dataclass
-class OldVolume:
-    """A claim bound to a PV the old provisioner wrote, and its directory on the export."""
-
-    namespace: str
-    claim: str
-    pv: str
-    directory: str  # relative to the export; "" when the PV points at NFS_PATH itself
-
-
 def old_volume(
     admin: Kube,
     export: Path,
@@ -80,10 +71,11 @@ def old_volume(
     nfs_path: str | None = None,
     nfs_server: str = NFS_SERVER,
     data: bool = True,
-) -> OldVolume:
+) -> Provisioned:
     """Create the claim, then the PV exactly as the old provisioner did, and wait for the PV
     controller to bind them. ``directory`` None is nfs-subdir's default name,
-    ``<namespace>-<claim>-pvc-<uid>``; ``nfs_path`` overrides the PV's spec.nfs.path."""
+    ``<namespace>-<claim>-pvc-<uid>``; "" is the export root; ``nfs_path`` overrides the PV's
+    spec.nfs.path. The result's ``recorded`` is ``directory``: what adoption should record."""
     annotations = dict(claim_annotations or {})
     if beta_class:  # the seeds' test-claim.yaml names its class this way
         annotations[BETA_CLASS] = class_name
@@ -128,7 +120,7 @@ def old_volume(
     assert bound["spec"]["volumeName"] == pv_name
     if data and directory:
         fill(export / directory, f"{namespace}/{name}")
-    return OldVolume(namespace, name, pv_name, directory)
+    return Provisioned(name, namespace, pv_name, directory, export / directory)
 
 
 def fill(directory: Path, owner: str) -> None:
@@ -219,7 +211,7 @@ def test_old_volumes_are_adopted_and_released_by_the_old_rules(
     ns = namespace
     seeds_options = ("vers=4", "minorversion=0", "noresvport")  # the seeds' class
 
-    def make(key: str, parameters: dict[str, str], **kw: Any) -> OldVolume:
+    def make(key: str, parameters: dict[str, str], **kw: Any) -> Provisioned:
         options = kw.pop("mount_options", ())
         reclaim = kw.pop("reclaim_policy", "Delete")
         class_name = storage_classes(
@@ -278,7 +270,7 @@ def test_old_volumes_are_adopted_and_released_by_the_old_rules(
     }
     # Deleted before the swap, while its volume is still bound: nfs-subdir's release of it
     # would fail forever ("storageclass not found").
-    gone = admin.get("pv", v["class-gone"].pv)
+    gone = admin.get("pv", v["class-gone"].volume)
     assert gone is not None
     admin.run("delete", "storageclass", gone["spec"]["storageClassName"])
     (export / "unrelated").mkdir()
@@ -287,53 +279,54 @@ def test_old_volumes_are_adopted_and_released_by_the_old_rules(
     process = provisioner(name=name, export=export, RESYNC_PERIOD="3")
 
     for key, old in v.items():
-        recorded = wait_adopted(admin, old.pv)
-        assert recorded[f"{PREFIX}directory"] == old.directory, key
+        recorded = wait_adopted(admin, old.volume)
+        assert recorded[f"{PREFIX}directory"] == old.recorded, key
         assert recorded[f"{PREFIX}export-path"] == NFS_PATH, key
         assert recorded[f"{PREFIX}adopted"].endswith(
-            f"; directory from spec.nfs.path {NFS_PATH}/{old.directory}"
+            f"; directory from spec.nfs.path {NFS_PATH}/{old.recorded}"
         ), key
         assert f"{PREFIX}on-delete" not in recorded, key  # the class decides at release
-        has_finalizer = FINALIZER in finalizers(admin, old.pv)
+        has_finalizer = FINALIZER in finalizers(admin, old.volume)
         assert has_finalizer is (key != "reclaim-retain"), key
-        message = admin.wait_event(None, old.pv, "VolumeAdopted")
-        assert f'directory "{old.directory}"' in message, key
+        message = admin.wait_event(None, old.volume, "VolumeAdopted")
+        assert f'directory "{old.recorded}"' in message, key
         owner = json.loads(
             (
                 export.joinpath(
-                    ".nfs-provisioner", "owners", *(f"d{p}" for p in old.directory.split("/"))
+                    ".nfs-provisioner", "owners", *(f"d{p}" for p in old.recorded.split("/"))
                 )
                 / "owner.json"
             ).read_text()
         )
-        assert (owner["namespace"], owner["volume"]) == (ns, old.pv), key
-    stable = {key: ours(admin, old.pv) for key, old in v.items()}
+        assert (owner["namespace"], owner["volume"]) == (ns, old.volume), key
+    stable = {key: ours(admin, old.volume) for key, old in v.items()}
 
     # A PV deleted before its claim: our finalizer (added at adoption) keeps it until the claim
     # lets go, then the directory gets the class's policy. nfs-subdir leaked it.
-    admin.run("delete", "pv", v["pv-first"].pv, "--wait=false")
+    pv_first = v["pv-first"]
+    admin.run("delete", "pv", pv_first.volume, "--wait=false")
     wait_for(
         "the PV to be Terminating",
         lambda: (
-            (admin.get("pv", v["pv-first"].pv) or {}).get("metadata", {}).get("deletionTimestamp")
+            (admin.get("pv", pv_first.volume) or {}).get("metadata", {}).get("deletionTimestamp")
         ),
     )
     wait_resyncs(process, 2)
-    assert (export / v["pv-first"].directory / "SUCCESS").exists()
+    assert (pv_first.directory / "SUCCESS").exists()
     for key, old in v.items():
-        assert ours(admin, old.pv) == stable[key], f"{key}: annotations rewritten"
-        assert len(events(admin, old.pv, "VolumeAdopted")) == 1, key
+        assert ours(admin, old.volume) == stable[key], f"{key}: annotations rewritten"
+        assert len(events(admin, old.volume, "VolumeAdopted")) == 1, key
 
     before = snapshot(export)
     for old in v.values():
-        admin.run("delete", "pvc", old.claim, "-n", ns, "--wait=false")
+        delete_claim(admin, old)
     for key, old in v.items():
         if key != "reclaim-retain":
-            admin.wait_gone("pv", old.pv)
-    retained = admin.wait_phase("pv", v["reclaim-retain"].pv, "Released")
+            admin.wait_gone("pv", old.volume)
+    retained = admin.wait_phase("pv", v["reclaim-retain"].volume, "Released")
     wait_resyncs(process, 2)
 
-    d = {key: old.directory for key, old in v.items()}
+    d = {key: old.recorded for key, old in v.items()}
     assert snapshot(export) == after(
         before,
         removed=[d["head-delete"], d["seeds-false"], d["pv-first"]],
@@ -347,7 +340,7 @@ def test_old_volumes_are_adopted_and_released_by_the_old_rules(
     assert (export / "unrelated" / "keep").read_text() == "not a volume"
 
     def released(key: str, reason: str, event_type: str, *says: str) -> None:
-        found = events(admin, v[key].pv, reason)
+        found = events(admin, v[key].volume, reason)
         assert len(found) == 1, (key, found)
         assert found[0]["type"] == event_type, (key, found[0])
         for text in says:
@@ -364,12 +357,12 @@ def test_old_volumes_are_adopted_and_released_by_the_old_rules(
     released("od-retain-case", "VolumeRetained", "Warning", "asks to keep the data")
     # Retain: nothing touched, no finalizer of ours, no release Event, the record unchanged.
     assert FINALIZER not in (retained["metadata"].get("finalizers") or [])
-    assert ours(admin, v["reclaim-retain"].pv) == stable["reclaim-retain"]
+    assert ours(admin, v["reclaim-retain"].volume) == stable["reclaim-retain"]
     for reason in ("VolumeDeleted", "VolumeArchived", "VolumeRetained", "VolumeFailedDelete"):
-        assert not events(admin, v["reclaim-retain"].pv, reason)
+        assert not events(admin, v["reclaim-retain"].volume, reason)
     for key, old in v.items():
-        assert not events(admin, old.pv, "VolumeFailedDelete"), key
-    admin.run("delete", "pv", v["reclaim-retain"].pv, "--wait=false")
+        assert not events(admin, old.volume, "VolumeFailedDelete"), key
+    admin.run("delete", "pv", v["reclaim-retain"].volume, "--wait=false")
 
 
 # --- what cannot be adopted safely ---------------------------------------------------------------
@@ -399,7 +392,7 @@ def test_unsafe_old_volumes_are_refused_once_and_nothing_is_touched(
     # A workload replaced a parent of a volume with a link to another tenant's directory.
     (export / "linked").symlink_to(export / "victim")
 
-    def make(key: str, **kw: Any) -> OldVolume:
+    def make(key: str, **kw: Any) -> Provisioned:
         return old_volume(
             admin, export, provisioner=name, namespace=ns, name=key, class_name=class_name, **kw
         )
@@ -431,32 +424,32 @@ def test_unsafe_old_volumes_are_refused_once_and_nothing_is_touched(
 
     process = provisioner(name=name, export=export, RESYNC_PERIOD="2")
     for key, (old, why) in refused.items():
-        marked = wait_refused(admin, old.pv)
+        marked = wait_refused(admin, old.volume)
         assert why in marked, (key, marked)
     wait_resyncs(process, 2)
     for old, _ in refused.values():
-        admin.run("delete", "pvc", old.claim, "-n", ns, "--wait=false")
+        delete_claim(admin, old)
     for old, _ in refused.values():
-        admin.wait_phase("pv", old.pv, "Released")
+        admin.wait_phase("pv", old.volume, "Released")
     wait_resyncs(process, 2)
 
     for key, (old, why) in refused.items():
-        found = events(admin, old.pv, "AdoptionRefused")
+        found = events(admin, old.volume, "AdoptionRefused")
         assert len(found) == 1, (key, found)
         assert found[0]["type"] == "Warning"
         assert why in found[0]["message"], key
         assert "left alone" in found[0]["message"]
-        assert list(ours(admin, old.pv)) == [f"{PREFIX}not-adopted"], key
-        assert FINALIZER not in finalizers(admin, old.pv), key
-        assert admin.phase("pv", old.pv) == "Released", key  # not deleted
+        assert list(ours(admin, old.volume)) == [f"{PREFIX}not-adopted"], key
+        assert FINALIZER not in finalizers(admin, old.volume), key
+        assert admin.phase("pv", old.volume) == "Released", key  # not deleted
         for reason in ("VolumeAdopted", "VolumeDeleted", "VolumeFailedDelete"):
-            assert not events(admin, old.pv, reason), (key, reason)
+            assert not events(admin, old.volume, reason), (key, reason)
     assert snapshot(export) == before
     assert snapshot(outside) == outside_before
     assert not (export / ".nfs-provisioner" / "owners").exists() or not any(
         (export / ".nfs-provisioner" / "owners").iterdir()
     )
-    admin.run("delete", "pv", *(old.pv for old, _ in refused.values()), "--wait=false")
+    admin.run("delete", "pv", *(old.volume for old, _ in refused.values()), "--wait=false")
 
 
 # --- the migration guide (docs/migration.md), followed --------------------------------------------
@@ -582,23 +575,16 @@ def export_state(export: Path) -> dict[str, str]:
     }
 
 
-@pytest.fixture
-def old_namespace(admin: Kube) -> Iterator[str]:
-    """Where the old Deployment (and so its Endpoints lock) runs, e.g. default."""
-    name = unique("old")
-    admin.run("create", "namespace", name)
-    yield name
-    admin.run("delete", "namespace", name, "--wait=false", check=False)
-
-
 def test_the_migration_guide(
     admin: Kube,
     provisioner: StartProvisioner,
     namespace: str,
-    old_namespace: str,
+    new_namespace: MakeNamespace,
     export: Path,
     storage_classes: StorageClasses,
 ) -> None:
+    # Where the old Deployment (and so its Endpoints lock) runs, e.g. default.
+    old_namespace = new_namespace(unique("old"))
     name = f"cluster.local/{unique('nfs-subdir-external-provisioner')}"  # the Helm default
     lock = name.replace("/", "-")
     ns = namespace
@@ -632,17 +618,17 @@ def test_the_migration_guide(
             lambda: f"waiting for lock {old_namespace}/{lock}" in ours_process.logs(),
         )
         # Step 5: the listing, in the standby; it changes nothing.
-        volumes_before = {v.pv: admin.get("pv", v.pv) for v in (kept, released, linked)}
+        volumes_before = {v.volume: admin.get("pv", v.volume) for v in (kept, released, linked)}
         state_before = export_state(export)
         listing = check_migration(ours_process)
         assert listing.returncode == 0, listing.stderr
         out = listing.stdout
         assert "2 PersistentVolume(s) of the previous provisioner will be adopted" in out
-        assert f'  {kept.pv}: directory "{ns}/web", claim {ns}/web, Bound' in out
+        assert f'  {kept.volume}: directory "{ns}/web", claim {ns}/web, Bound' in out
         assert f'renamed to "{ns}/archived-web"' in out
         assert 'nfs-subdir renamed it to "archived-web" at the export root' in out
         assert "1 cannot be adopted" in out
-        assert f'  {linked.pv}: "{ns}/cache" on its path is a symbolic link' in out
+        assert f'  {linked.volume}: "{ns}/cache" on its path is a symbolic link' in out
         assert "nothing was changed" in out
         assert {v: admin.get("pv", v) for v in volumes_before} == volumes_before
         assert export_state(export) == state_before
@@ -653,7 +639,7 @@ def test_the_migration_guide(
         wait_for("the old leader to renew 4 more times", lambda: old_leader.renewals >= renewed + 4)
         assert holder(admin, old_namespace, lock) == old_leader.identity
         assert admin.phase("pvc", "new", ns) == "Pending"
-        assert ours(admin, kept.pv) == {}
+        assert ours(admin, kept.volume) == {}
         assert export_state(export) == state_before
 
         # Step 6: the old Deployment scaled to 0; ours takes the lock once the lease expires.
@@ -665,25 +651,24 @@ def test_the_migration_guide(
         )
         assert f"{holder(admin, old_namespace, lock)} became leader" in ours_process.logs()
         new_pv = admin.wait_phase("pvc", "new", "Bound", ns)["spec"]["volumeName"]
-        assert wait_adopted(admin, kept.pv)[f"{PREFIX}directory"] == f"{ns}/web"
-        wait_adopted(admin, released.pv)
-        assert "symbolic link" in wait_refused(admin, linked.pv)
+        assert wait_adopted(admin, kept.volume)[f"{PREFIX}directory"] == f"{ns}/web"
+        wait_adopted(admin, released.volume)
+        assert "symbolic link" in wait_refused(admin, linked.volume)
         # Released by the old rules (archiveOnDelete "true"), beside itself.
-        admin.run("delete", "pvc", "db", "-n", ns, "--wait=false")
-        admin.wait_gone("pv", released.pv)
+        release(admin, released)
         assert (export / ns / "archived-db" / "SUCCESS").read_text() == f"{ns}/db"
         assert not (export / ns / "db").exists()
 
         # Rollback: ours scaled to 0 releases the lock at once; our finalizer is removed.
         assert ours_process.stop() == 0
         assert holder(admin, old_namespace, lock) == ""
-        assert FINALIZER in finalizers(admin, kept.pv)
+        assert FINALIZER in finalizers(admin, kept.volume)
         assert FINALIZER in finalizers(admin, new_pv)
         run_guide(admin, guide_block("rollback", PROVISIONER=name))
-        for pv in (kept.pv, new_pv, linked.pv):
+        for pv in (kept.volume, new_pv, linked.volume):
             assert FINALIZER not in finalizers(admin, pv), pv
-        assert "kubernetes.io/pv-protection" in finalizers(admin, kept.pv)
-        assert ours(admin, kept.pv)[f"{PREFIX}directory"] == f"{ns}/web"  # harmless, kept
+        assert "kubernetes.io/pv-protection" in finalizers(admin, kept.volume)
+        assert ours(admin, kept.volume)[f"{PREFIX}directory"] == f"{ns}/web"  # harmless, kept
     finally:
         old_leader.stop()
         admin.run("delete", "pvc", "--all", "-n", ns, "--wait=false", check=False)

@@ -117,9 +117,9 @@ def test_provisions_adopts_and_releases_with_nothing_refused(
     try:
         wait_for(
             "the old volume to be adopted",
-            lambda: any(e.get("reason") == "VolumeAdopted" for e in admin.events(None, old.pv)),
+            lambda: any(e.get("reason") == "VolumeAdopted" for e in admin.events(None, old.volume)),
         )
-        pv = admin.get("pv", old.pv)
+        pv = admin.get("pv", old.volume)
         assert pv is not None
         assert not [k for k in pv["metadata"].get("annotations", {}) if k.startswith(PREFIX)]
         assert FINALIZER not in (pv["metadata"].get("finalizers") or [])
@@ -142,12 +142,12 @@ def test_provisions_adopts_and_releases_with_nothing_refused(
 
         for pvc, pv_name, path in (
             ("fresh", volume, directory),
-            (old.claim, old.pv, export / old.directory),
+            (old.name, old.volume, old.directory),
         ):
             admin.run("delete", "pvc", pvc, "-n", namespace)
             admin.wait_gone("pv", pv_name)
             assert not path.exists(), f"{path} was not deleted (class archiveOnDelete false)"
-        deleted = [e for e in admin.events(None, old.pv) if e.get("reason") == "VolumeDeleted"]
+        deleted = [e for e in admin.events(None, old.volume) if e.get("reason") == "VolumeDeleted"]
         assert deleted and "Adopted volume" in deleted[-1]["message"], deleted
         logs = process.logs()
         assert "without the PersistentVolume finalizer" in logs

@@ -33,18 +33,23 @@ import pytest
 
 from provisioner.paths import JOURNAL_DIR
 from tests.faults import FaultRule, held_file, write_fault_rules
-from tests.integration.conftest import StartProvisioner, StorageClasses
-from tests.integration.harness import Kube, ProvisionerProcess, claim, unique, wait_for
+from tests.integration.conftest import MakeNamespace, StartProvisioner, StorageClasses
+from tests.integration.harness import (
+    Kube,
+    ProvisionerProcess,
+    claim,
+    delete_claim,
+    unique,
+    wait_for,
+)
 from tests.integration.test_crash_points import owner_records
 from tests.integration.test_observability import scrape
 from tests.integration.test_tenants import (
     ANY_PATH,
     STORAGE_PATH,
-    MakeNamespace,
     Site,
     assert_refused,
     bound_volume,
-    new_namespace,  # noqa: F401 - a fixture: requested by name below
     wait_message,
 )
 
@@ -71,7 +76,7 @@ def attempts_at(process: ProvisionerProcess, key: str) -> list[str]:
 def test_claim_for_the_archive_name_of_a_release_in_progress_is_deferred_then_refused(
     admin: Kube,
     provisioner: StartProvisioner,
-    new_namespace: MakeNamespace,  # noqa: F811 - the fixture imported above
+    new_namespace: MakeNamespace,
     storage_classes: StorageClasses,
     tmp_path: Path,
 ) -> None:
@@ -80,22 +85,20 @@ def test_claim_for_the_archive_name_of_a_release_in_progress_is_deferred_then_re
     process = provisioner(NFS_PROVISIONER_UNSAFE_FAULTS_FILE=str(faults), FS_TIMEOUT="300")
     outside = tmp_path / "outside"  # bound_volume's Site wants one; nothing here uses it
     outside.mkdir()
-    site = Site(process, process.export, outside)
+    site = Site(process, process.export, outside, storage_classes)
     export = site.export
-    class_name = storage_classes(
-        process.name, {"pathPattern": ANY_PATH, "onDelete": "archive"}, prefix="race"
-    )
+    class_name = site.storage_class({"pathPattern": ANY_PATH, "onDelete": "archive"}, "race")
     team_a, team_b = new_namespace(unique("team-a")), new_namespace(unique("team-b"))
 
     # 1-2. A's volume at x/app, with data.
     a = bound_volume(admin, site, team_a, "claim-a", class_name, SOURCE)
-    assert a.rel == SOURCE
+    assert a.recorded == SOURCE
     (a.directory / "data.txt").write_text("team-a's data")
 
     try:
         # 3. A's release held at its directory rename, after the operation record.
         write_fault_rules(faults, [FaultRule(op="rename", match=f"^{SOURCE}$", effect="hang")])
-        admin.run("delete", "pvc", a.claim, "-n", team_a, "--wait=false")
+        delete_claim(admin, a)
         held = held_file(faults)
         wait_for(
             f"the release to be held at its rename of {SOURCE}",
@@ -116,7 +119,7 @@ def test_claim_for_the_archive_name_of_a_release_in_progress_is_deferred_then_re
         shown = "\n".join(tried)
         assert all(BUSY in line for line in tried), f"not deferred by the release:\n{shown}"
         assert f'directory "{ARCHIVE}" overlaps the same directory' in tried[0], shown
-        assert f"the release of PersistentVolume {a.name}" in tried[0], shown
+        assert f"the release of PersistentVolume {a.volume}" in tried[0], shown
         assert scrape(process).get(CLAIM_RETRIES, 0) >= 1
         assert admin.get("pv", volume_b) is None
         assert admin.phase("pvc", "claim-b", team_b) == "Pending"
@@ -127,11 +130,11 @@ def test_claim_for_the_archive_name_of_a_release_in_progress_is_deferred_then_re
         assert (export / SOURCE / "data.txt").read_text() == "team-a's data"
         # Held after its first change: the operation record that keeps both paths taken.
         operations = export / JOURNAL_DIR / "operations"
-        assert [p.name for p in operations.iterdir()] == [f"{a.name}.json"]
+        assert [p.name for p in operations.iterdir()] == [f"{a.volume}.json"]
 
         # 5. The hang ends: the archive finishes, then B's retry meets A's archive.
         write_fault_rules(faults, [])
-        admin.wait_gone("pv", a.name, timeout=60)
+        admin.wait_gone("pv", a.volume, timeout=60)
     finally:
         write_fault_rules(faults, [])  # never leave a thread of the provisioner held
 

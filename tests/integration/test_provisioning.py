@@ -1,7 +1,8 @@
 """Provisioning against the real control plane, driven with kubectl as a user would (SPEC §3-§5).
 
 The provisioner runs as a subprocess under the ServiceAccount from rbac/; a temp directory is
-the export. Each test uses its own provisioner name, so provisioners of other tests ignore it.
+the export. Each test uses its own provisioner name, so provisioners of other tests ignore it;
+most start it with a StorageClass of it through the ``install`` fixture.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import StartProvisioner, StorageClasses
+from tests.integration.conftest import Install, StartProvisioner
 from tests.integration.harness import (
     NFS_PATH,
     NFS_SERVER,
@@ -110,30 +111,20 @@ def test_seeds_flow_binds_and_writes_the_expected_volume(
 
 
 def test_claim_without_class_gets_the_default_class(
-    admin: Kube,
-    provisioner: StartProvisioner,
-    namespace: str,
-    tmp_path: Path,
-    storage_classes: StorageClasses,
+    admin: Kube, install: Install, namespace: str
 ) -> None:
-    process = provisioner()
-    class_name = storage_classes(process.name, prefix="default-nfs", default=True)
+    _, class_name = install(prefix="default-nfs", default=True)
     admin.apply(claim("no-class", namespace, None))
     pvc = admin.wait_phase("pvc", "no-class", "Bound", namespace)
     assert pvc["spec"]["storageClassName"] == class_name
-    assert (tmp_path / "export" / f"{namespace}-no-class-{pvc['spec']['volumeName']}").is_dir()
+    assert (install.export / f"{namespace}-no-class-{pvc['spec']['volumeName']}").is_dir()
 
 
 def test_path_pattern_with_labels_and_annotations_nests_directories(
-    admin: Kube,
-    provisioner: StartProvisioner,
-    namespace: str,
-    storage_classes: StorageClasses,
-    tmp_path: Path,
+    admin: Kube, install: Install, namespace: str
 ) -> None:
-    process = provisioner()
     pattern = "${.PVC.namespace}/${.PVC.labels.app}/${.PVC.annotations.nfs.io/storage-path}"
-    class_name = storage_classes(process.name, {"pathPattern": pattern}, prefix="pattern")
+    _, class_name = install({"pathPattern": pattern}, prefix="pattern")
     admin.apply(
         claim(
             "data",
@@ -144,7 +135,7 @@ def test_path_pattern_with_labels_and_annotations_nests_directories(
         )
     )
     pvc = admin.wait_phase("pvc", "data", "Bound", namespace)
-    directory = tmp_path / "export" / namespace / "web" / "db_v1"
+    directory = install.export / namespace / "web" / "db_v1"
     assert directory.is_dir()
     pv = admin.get("pv", pvc["spec"]["volumeName"])
     assert pv is not None
@@ -155,14 +146,9 @@ def test_path_pattern_with_labels_and_annotations_nests_directories(
 
 
 def test_twenty_claims_at_once_bind_to_distinct_directories(
-    admin: Kube,
-    provisioner: StartProvisioner,
-    namespace: str,
-    storage_classes: StorageClasses,
-    tmp_path: Path,
+    admin: Kube, install: Install, namespace: str
 ) -> None:
-    process = provisioner()
-    class_name = storage_classes(process.name, prefix="many")
+    _, class_name = install(prefix="many")
     names = [f"c{i:02d}" for i in range(20)]
     admin.apply("\n---\n".join(claim(n, namespace, class_name) for n in names))
 
@@ -174,8 +160,7 @@ def test_twenty_claims_at_once_bind_to_distinct_directories(
     bound = wait_for("20 claims to be Bound", all_bound, timeout=120)
     volumes = {c["spec"]["volumeName"] for c in bound}  # type: ignore[index]
     assert len(volumes) == 20
-    export = tmp_path / "export"
-    dirs = sorted(p.name for p in entries(export))
+    dirs = sorted(p.name for p in entries(install.export))
     assert dirs == sorted(
         f"{namespace}-{c['metadata']['name']}-{c['spec']['volumeName']}"  # type: ignore[index]
         for c in bound
@@ -183,19 +168,12 @@ def test_twenty_claims_at_once_bind_to_distinct_directories(
 
 
 def test_leftover_directory_is_reused_and_the_event_says_so(
-    admin: Kube,
-    provisioner: StartProvisioner,
-    namespace: str,
-    storage_classes: StorageClasses,
-    tmp_path: Path,
+    admin: Kube, install: Install, namespace: str
 ) -> None:
     """A directory made by hand (no owner record) under the claim's own namespace is reused;
     test_tenants.py has the foreign-namespace and recorded cases."""
-    process = provisioner()
-    class_name = storage_classes(
-        process.name, {"pathPattern": "${.PVC.namespace}/${.PVC.name}"}, prefix="stable"
-    )
-    leftover = tmp_path / "export" / namespace / "db"
+    _, class_name = install({"pathPattern": "${.PVC.namespace}/${.PVC.name}"}, prefix="stable")
+    leftover = install.export / namespace / "db"
     leftover.mkdir(parents=True)
     (leftover / "data.txt").write_text("kept")
     admin.apply(claim("db", namespace, class_name))
@@ -220,16 +198,11 @@ def test_missing_class_is_waited_for(
 
 
 def test_crash_mid_batch_converges_to_one_directory_and_one_volume_per_claim(
-    admin: Kube,
-    provisioner: StartProvisioner,
-    namespace: str,
-    storage_classes: StorageClasses,
-    tmp_path: Path,
+    admin: Kube, install: Install, namespace: str
 ) -> None:
-    export = tmp_path / "export"
+    export = install.export
     # Slow enough (2 workers, 5 API requests/s) that the kill lands in the middle of the batch.
-    process = provisioner(WORKERS="2", KUBE_API_QPS="5", KUBE_API_BURST="5")
-    class_name = storage_classes(process.name, prefix="crash")
+    process, class_name = install(prefix="crash", WORKERS="2", KUBE_API_QPS="5", KUBE_API_BURST="5")
     names = [f"k{i:02d}" for i in range(30)]
     admin.apply("\n---\n".join(claim(n, namespace, class_name) for n in names))
     wait_for("the first directory", lambda: any(entries(export)), timeout=60, interval=0.02)
@@ -241,7 +214,7 @@ def test_crash_mid_batch_converges_to_one_directory_and_one_volume_per_claim(
         == process.name
     ]
     assert len(volumes_at_kill) < len(names), "the kill came after the batch; nothing was tested"
-    restarted = provisioner(name=process.name, export=export)
+    restarted = install.start(name=process.name, export=export)
 
     def all_bound() -> list[dict[str, object]] | None:
         claims = admin.items("pvc", namespace)

@@ -22,8 +22,10 @@ from tests.integration.harness import (
     Provisioned,
     ProvisionerProcess,
     claim,
+    delete_claim,
     entries,
     provision,
+    release,
     snapshot,
     wait_for,
 )
@@ -56,12 +58,11 @@ class Volumes:
         return p
 
     def delete_claim(self, p: Provisioned) -> None:
-        self.admin.run("delete", "pvc", p.name, "-n", p.namespace, "--wait=false")
+        delete_claim(self.admin, p)
 
     def release(self, p: Provisioned) -> None:
         """Delete the claim and wait until its PV is gone."""
-        self.delete_claim(p)
-        self.admin.wait_gone("pv", p.volume)
+        release(self.admin, p)
 
     def event(self, p: Provisioned, reason: str) -> str:
         """The message of the first Event ``reason`` on the claim's PV."""

@@ -22,19 +22,23 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from provisioner.paths import JOURNAL_DIR
-from tests.integration.conftest import StartProvisioner, StorageClasses
+from tests.integration.conftest import MakeNamespace, StartProvisioner, StorageClasses
 from tests.integration.harness import (
     REPO,
     Kube,
+    Provisioned,
     ProvisionerProcess,
+    bound,
     claim,
+    delete_claim,
+    provision,
     snapshot,
     unique,
     wait_for,
@@ -44,7 +48,6 @@ pytestmark = pytest.mark.integration
 
 PATTERN = "${.PVC.namespace}/${.PVC.annotations.nfs.io/storage-path}"
 STORAGE_PATH = "nfs.io/storage-path"
-ANN_DIRECTORY = "nfs.provisioner.dev/directory"
 PROVISION_OUTCOMES = ("ProvisioningFailed", "ProvisioningSucceeded")
 RELEASE_OUTCOMES = ("VolumeFailedDelete", "VolumeDeleted", "VolumeArchived", "VolumeRetained")
 B_MODE = 0o750  # tenant B's own choice, so a chmod through a link would show in the snapshot
@@ -53,26 +56,20 @@ Snapshots = tuple[dict[str, str], dict[str, str]]
 
 
 @dataclass(frozen=True)
-class Volume:
-    """A bound claim and the directory its PV records."""
-
-    claim: str
-    namespace: str
-    name: str
-    rel: str
-    directory: Path
-
-
-@dataclass(frozen=True)
 class Site:
-    """One provisioner, its export, and a directory next to the export holding a marker."""
+    """One provisioner, its export, a directory next to the export holding a marker, and the
+    StorageClasses a case makes for that provisioner."""
 
     process: ProvisionerProcess
     export: Path
     outside: Path
+    storage_classes: StorageClasses
 
     def snapshots(self) -> Snapshots:
         return snapshot(self.export), snapshot(self.outside)
+
+    def storage_class(self, parameters: dict[str, str], prefix: str) -> str:
+        return self.storage_classes(self.process.name, parameters, prefix=prefix)
 
 
 @dataclass(frozen=True)
@@ -80,46 +77,29 @@ class Tenants:
     site: Site
     a: str
     """Tenant A's namespace: the attacker."""
-    b: Volume
+    b: Provisioned
     """Tenant B's volume, with data: the victim."""
 
 
-MakeNamespace = Callable[..., str]
-
-
 @pytest.fixture
-def new_namespace(admin: Kube) -> Iterator[MakeNamespace]:
-    """Create extra namespaces (another tenant), by name or unique; deleted after the test."""
-    made: list[str] = []
-
-    def make(name: str | None = None) -> str:
-        name = name or unique("t")
-        admin.run("create", "namespace", name)
-        made.append(name)
-        return name
-
-    yield make
-    for name in made:
-        admin.run("delete", "namespace", name, "--wait=false", check=False)
-
-
-@pytest.fixture
-def site(provisioner: StartProvisioner, tmp_path: Path) -> Site:
+def site(
+    provisioner: StartProvisioner,
+    namespace: str,
+    storage_classes: StorageClasses,
+    tmp_path: Path,
+) -> Site:
+    """The provisioner resyncs every 3 s. ``namespace`` comes before ``storage_classes`` so
+    that the teardown deletes the classes, then the namespaces, then stops the provisioner."""
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "marker.txt").write_text("outside the export")
-    return Site(provisioner(RESYNC_PERIOD="3"), tmp_path / "export", outside)
+    process = provisioner(RESYNC_PERIOD="3")
+    return Site(process, tmp_path / "export", outside, storage_classes)
 
 
 @pytest.fixture
-def tenants(
-    admin: Kube,
-    site: Site,
-    namespace: str,
-    new_namespace: MakeNamespace,
-    storage_classes: StorageClasses,
-) -> Tenants:
-    class_name = storage_classes(site.process.name, {"pathPattern": PATTERN}, prefix="victim")
+def tenants(admin: Kube, site: Site, namespace: str, new_namespace: MakeNamespace) -> Tenants:
+    class_name = site.storage_class({"pathPattern": PATTERN}, prefix="victim")
     b = bound_volume(admin, site, new_namespace(), "b-data", class_name, "vol-b")
     (b.directory / "secret.txt").write_text("tenant B's data")
     b.directory.chmod(B_MODE)
@@ -133,17 +113,13 @@ def bound_volume(
     name: str,
     class_name: str,
     storage_path: str | None = None,
-) -> Volume:
+) -> Provisioned:
+    """A Bound claim (annotated with ``storage_path``) whose directory is a real directory."""
     annotations = {STORAGE_PATH: storage_path} if storage_path is not None else None
-    admin.apply(claim(name, namespace, class_name, annotations=annotations))
-    pvc = admin.wait_phase("pvc", name, "Bound", namespace)
-    pv = admin.get("pv", pvc["spec"]["volumeName"])
-    assert pv is not None
-    rel = pv["metadata"]["annotations"][ANN_DIRECTORY]
-    directory = site.export / rel
-    assert directory.is_dir()
-    assert not directory.is_symlink()
-    return Volume(name, namespace, pv["metadata"]["name"], rel, directory)
+    volume = provision(admin, namespace, class_name, site.export, name, annotations=annotations)
+    assert volume.directory.is_dir()
+    assert not volume.directory.is_symlink()
+    return volume
 
 
 def first_event(admin: Kube, namespace: str | None, name: str, reasons: tuple[str, ...]) -> str:
@@ -169,10 +145,19 @@ def assert_refused(admin: Kube, namespace: str, name: str) -> str:
     return outcome
 
 
-def release(admin: Kube, volume: Volume) -> str:
+def release(admin: Kube, volume: Provisioned) -> str:
     """Delete the claim; the first release Event on its PV, as "<reason>: <message>"."""
-    admin.run("delete", "pvc", volume.claim, "-n", volume.namespace, "--wait=false")
-    return first_event(admin, None, volume.name, RELEASE_OUTCOMES)
+    delete_claim(admin, volume)
+    return first_event(admin, None, volume.volume, RELEASE_OUTCOMES)
+
+
+def released(admin: Kube, volume: Provisioned, reason: str) -> str:
+    """``release``, whose first release Event must be ``reason``; then wait until the PV is
+    gone. The Event's "<reason>: <message>" is returned."""
+    outcome = release(admin, volume)
+    assert outcome.startswith(f"{reason}: "), outcome
+    admin.wait_gone("pv", volume.volume)
+    return outcome
 
 
 def without(tree: dict[str, str], rel: str) -> dict[str, str]:
@@ -200,6 +185,9 @@ LINK_TARGETS: dict[str, LinkTarget] = {
     "loop": lambda t, here: "link",
 }
 
+KEPT_AS = {"retained": ("retain", "VolumeRetained"), "archived": ("archive", "VolumeArchived")}
+"""How a released volume stays as a leftover: the class's onDelete and the release Event."""
+
 THROUGH_LINK = [
     pytest.param(leftover, target, position, id=f"{leftover}-{target}-{position}")
     for leftover, targets in (("retained", LINK_TARGETS), ("archived", ["tenant-b"]))
@@ -210,24 +198,16 @@ THROUGH_LINK = [
 
 @pytest.mark.parametrize(("leftover", "target", "position"), THROUGH_LINK)
 def test_claim_through_a_symlink_in_a_leftover_volume_is_refused(
-    admin: Kube,
-    tenants: Tenants,
-    storage_classes: StorageClasses,
-    leftover: str,
-    target: str,
-    position: str,
+    admin: Kube, tenants: Tenants, leftover: str, target: str, position: str
 ) -> None:
     """A plants ``link`` in its volume, lets the claim go (the directory stays as a leftover of
     A's namespace) and asks for a claim at ``<leftover>/link/x`` or at the link itself."""
     site = tenants.site
-    on_delete = "retain" if leftover == "retained" else "archive"
-    class_name = storage_classes(
-        site.process.name, {"pathPattern": PATTERN, "onDelete": on_delete}, prefix="link"
-    )
+    on_delete, reason = KEPT_AS[leftover]
+    class_name = site.storage_class({"pathPattern": PATTERN, "onDelete": on_delete}, prefix="link")
     a = bound_volume(admin, site, tenants.a, "a-data", class_name, "vol-a")
     os.symlink(LINK_TARGETS[target](tenants, a.directory), a.directory / "link")
-    assert release(admin, a).startswith(("VolumeRetained", "VolumeArchived"))
-    admin.wait_gone("pv", a.name)
+    released(admin, a, reason)
     base = "vol-a" if leftover == "retained" else "archived-vol-a"
     assert (site.export / tenants.a / base / "link").is_symlink()
     storage_path = f"{base}/link/x" if position == "through" else f"{base}/link"
@@ -241,19 +221,19 @@ def test_claim_through_a_symlink_in_a_leftover_volume_is_refused(
 
 
 def test_claim_through_a_symlink_in_a_bound_volume_is_refused(
-    admin: Kube, tenants: Tenants, storage_classes: StorageClasses
+    admin: Kube, tenants: Tenants
 ) -> None:
     """While A's volume is bound, any path inside it is another volume's: refused before the
     export is even looked at."""
     site = tenants.site
-    class_name = storage_classes(site.process.name, {"pathPattern": PATTERN}, prefix="bound")
+    class_name = site.storage_class({"pathPattern": PATTERN}, prefix="bound")
     a = bound_volume(admin, site, tenants.a, "a-data", class_name, "vol-a")
     os.symlink(os.path.relpath(tenants.b.directory, a.directory), a.directory / "link")
     before = site.snapshots()
     admin.apply(claim("evil", tenants.a, class_name, annotations={STORAGE_PATH: "vol-a/link/x"}))
     refusal = assert_refused(admin, tenants.a, "evil")
     assert f'directory "{tenants.a}/vol-a/link/x" is already used by PersistentVolume' in refusal
-    assert a.name in refusal
+    assert a.volume in refusal
     assert site.snapshots() == before
 
 
@@ -263,17 +243,13 @@ def test_claim_through_a_symlink_in_a_bound_volume_is_refused(
 @pytest.mark.parametrize("policy", ["delete", "archive"])
 @pytest.mark.parametrize("pattern", [None, PATTERN], ids=["default-name", "storage-path"])
 def test_release_of_a_directory_swapped_for_a_symlink_is_refused(
-    admin: Kube,
-    tenants: Tenants,
-    storage_classes: StorageClasses,
-    pattern: str | None,
-    policy: str,
+    admin: Kube, tenants: Tenants, pattern: str | None, policy: str
 ) -> None:
     """Someone with write access to the parent renames A's directory away and puts a link to
     B's volume at its name; the release must neither remove nor rename through it."""
     site = tenants.site
     parameters = {"onDelete": policy} | ({"pathPattern": pattern} if pattern else {})
-    class_name = storage_classes(site.process.name, parameters, prefix="swap")
+    class_name = site.storage_class(parameters, prefix="swap")
     a = bound_volume(admin, site, tenants.a, "a-data", class_name, "vol-a" if pattern else None)
     (a.directory / "SUCCESS").write_text("A's data")
     away = a.directory.with_name(f"away-{a.directory.name}")
@@ -283,18 +259,18 @@ def test_release_of_a_directory_swapped_for_a_symlink_is_refused(
 
     outcome = release(admin, a)
     assert outcome.startswith("VolumeFailedDelete: "), outcome
-    assert f'"{a.rel}" on the export is a symbolic link' in outcome
-    assert admin.get("pv", a.name) is not None
+    assert f'"{a.recorded}" on the export is a symbolic link' in outcome
+    assert admin.get("pv", a.volume) is not None
     assert site.snapshots() == before
 
     # The admin puts the directory back; the retry (with backoff) finishes the release.
     a.directory.unlink()
     away.rename(a.directory)
-    admin.wait_gone("pv", a.name, timeout=120)
-    away_rel = str(Path(a.rel).with_name(away.name))
-    expected = without(before[0], a.rel)
+    admin.wait_gone("pv", a.volume, timeout=120)
+    away_rel = str(Path(a.recorded).with_name(away.name))
+    expected = without(before[0], a.recorded)
     if policy == "archive":
-        archive_rel = str(Path(a.rel).with_name(f"archived-{a.directory.name}"))
+        archive_rel = str(Path(a.recorded).with_name(f"archived-{a.directory.name}"))
         expected = moved(expected, away_rel, archive_rel)
         assert (site.export / archive_rel / "SUCCESS").read_text() == "A's data"
     else:
@@ -307,11 +283,11 @@ def test_release_of_a_directory_swapped_for_a_symlink_is_refused(
 
 @pytest.mark.parametrize("pattern", [None, PATTERN], ids=["default-name", "storage-path"])
 def test_delete_removes_a_volume_full_of_symlinks_and_nothing_they_point_at(
-    admin: Kube, tenants: Tenants, storage_classes: StorageClasses, pattern: str | None
+    admin: Kube, tenants: Tenants, pattern: str | None
 ) -> None:
     site = tenants.site
     parameters = {"onDelete": "delete"} | ({"pathPattern": pattern} if pattern else {})
-    class_name = storage_classes(site.process.name, parameters, prefix="links")
+    class_name = site.storage_class(parameters, prefix="links")
     a = bound_volume(admin, site, tenants.a, "a-data", class_name, "vol-a" if pattern else None)
     deep = a.directory / "tree" / "a" / "b" / "c"
     deep.mkdir(parents=True)
@@ -332,11 +308,9 @@ def test_delete_removes_a_volume_full_of_symlinks_and_nothing_they_point_at(
         os.symlink(target, link)
     before = site.snapshots()
 
-    outcome = release(admin, a)
-    assert outcome.startswith("VolumeDeleted: "), outcome
-    admin.wait_gone("pv", a.name)
+    released(admin, a, "VolumeDeleted")
     assert not os.path.lexists(a.directory)
-    assert site.snapshots() == (without(before[0], a.rel), before[1])
+    assert site.snapshots() == (without(before[0], a.recorded), before[1])
 
 
 # --- an archive name taken by a symlink ----------------------------------------------------------
@@ -345,15 +319,11 @@ def test_delete_removes_a_volume_full_of_symlinks_and_nothing_they_point_at(
 @pytest.mark.parametrize("target", ["tenant-b", "dangling"])
 @pytest.mark.parametrize("pattern", [None, PATTERN], ids=["default-name", "storage-path"])
 def test_archive_never_lands_on_a_symlink_in_its_way(
-    admin: Kube,
-    tenants: Tenants,
-    storage_classes: StorageClasses,
-    pattern: str | None,
-    target: str,
+    admin: Kube, tenants: Tenants, pattern: str | None, target: str
 ) -> None:
     site = tenants.site
     parameters = {"onDelete": "archive"} | ({"pathPattern": pattern} if pattern else {})
-    class_name = storage_classes(site.process.name, parameters, prefix="squat")
+    class_name = site.storage_class(parameters, prefix="squat")
     a = bound_volume(admin, site, tenants.a, "a-data", class_name, "vol-a" if pattern else None)
     (a.directory / "SUCCESS").write_text("A's data")
     squatter = a.directory.with_name(f"archived-{a.directory.name}")
@@ -363,14 +333,12 @@ def test_archive_never_lands_on_a_symlink_in_its_way(
     os.symlink(link, squatter)
     before = site.snapshots()
 
-    outcome = release(admin, a)
-    assert outcome.startswith("VolumeArchived: "), outcome
-    archive_rel = str(Path(a.rel).with_name(f"archived-{a.directory.name}-2"))
+    outcome = released(admin, a, "VolumeArchived")
+    archive_rel = str(Path(a.recorded).with_name(f"archived-{a.directory.name}-2"))
     assert f'archived as "{archive_rel}"' in outcome
-    admin.wait_gone("pv", a.name)
     assert (site.export / archive_rel / "SUCCESS").read_text() == "A's data"
     assert os.readlink(squatter) == link
-    assert site.snapshots() == (moved(before[0], a.rel, archive_rel), before[1])
+    assert site.snapshots() == (moved(before[0], a.recorded, archive_rel), before[1])
 
 
 # --- reuse never crosses a namespace (SPEC §4) ----------------------------------------------
@@ -388,22 +356,17 @@ class Leftover:
     class_name: str
 
 
-def make_leftover(
-    kind: str, admin: Kube, site: Site, owner: str, storage_classes: StorageClasses
-) -> Leftover:
+def make_leftover(kind: str, admin: Kube, site: Site, owner: str) -> Leftover:
     """A leftover of namespace ``owner``: retained or archived by its claim, or made by hand
     (by an admin, or by nfs-subdir before the image was swapped) with or without ``owner`` as
     its first component."""
-    on_delete = "archive" if kind == "archived" else "retain"
-    class_name = storage_classes(
-        site.process.name, {"pathPattern": ANY_PATH, "onDelete": on_delete}, prefix=kind
-    )
+    on_delete, reason = KEPT_AS.get(kind, KEPT_AS["retained"])
+    class_name = site.storage_class({"pathPattern": ANY_PATH, "onDelete": on_delete}, prefix=kind)
     if kind in ("retained", "archived"):
         volume = bound_volume(admin, site, owner, "orig", class_name, f"apps-{owner}/db")
         (volume.directory / "data.txt").write_text(f"written by {owner}")
-        assert release(admin, volume).startswith(("VolumeRetained", "VolumeArchived"))
-        admin.wait_gone("pv", volume.name)
-        rel = volume.rel if kind == "retained" else f"apps-{owner}/archived-db"
+        released(admin, volume, reason)
+        rel = volume.recorded if kind == "retained" else f"apps-{owner}/archived-db"
     else:
         rel = f"{owner}/legacy" if kind == "hand-made-in-namespace" else f"{owner}-legacy"
         (site.export / rel).mkdir(parents=True)
@@ -422,23 +385,34 @@ def wait_message(admin: Kube, namespace: str, name: str, reason: str, fragment: 
 
 
 def assert_reused(
-    admin: Kube, namespace: str, name: str, rel: str, after_refusal: bool = False
-) -> None:
+    admin: Kube, export: Path, namespace: str, name: str, rel: str, after_refusal: bool = False
+) -> Provisioned:
     """The claim is bound to a PV that records ``rel``, and the Event says it was reused.
 
     Unless the claim was refused before, its first outcome must be the success."""
     reasons = ("ProvisioningSucceeded",) if after_refusal else PROVISION_OUTCOMES
     outcome = first_event(admin, namespace, name, reasons)
     assert outcome.startswith("ProvisioningSucceeded: "), outcome
-    pvc = admin.wait_phase("pvc", name, "Bound", namespace)
-    pv = admin.get("pv", pvc["spec"]["volumeName"])
-    assert pv is not None
-    assert pv["metadata"]["annotations"][ANN_DIRECTORY] == rel
+    volume = bound(admin, namespace, name, export)
+    assert volume.recorded == rel
     wait_message(admin, namespace, name, "Provisioning", f'Reusing existing directory "{rel}"')
+    return volume
 
 
 def handover_hint(rel: str, namespace: str) -> str:
     return f'nfs-provisioner handover --directory "{rel}" --namespace "{namespace}"'
+
+
+def assert_refused_with_hint(
+    admin: Kube, site: Site, namespace: str, name: str, rel: str, why: str, before: Snapshots
+) -> None:
+    """The claim ``namespace/name`` is refused the directory ``rel``, saying ``why`` and how an
+    admin hands it over, and the export and ``outside`` are as they were ``before``."""
+    refusal = assert_refused(admin, namespace, name)
+    assert f'claim "{namespace}/{name}": directory "{rel}"' in refusal
+    assert why in refusal
+    assert handover_hint(rel, namespace) in refusal
+    assert site.snapshots() == before
 
 
 def records(export: Path) -> dict[str, bytes]:
@@ -481,27 +455,23 @@ def test_leftover_is_reused_only_by_its_own_namespace(
     site: Site,
     namespace: str,
     new_namespace: MakeNamespace,
-    storage_classes: StorageClasses,
     kind: str,
     claimant: str,
 ) -> None:
-    leftover = make_leftover(kind, admin, site, namespace, storage_classes)
+    leftover = make_leftover(kind, admin, site, namespace)
     asking = namespace if claimant == "own-namespace" else new_namespace()
     before = site.snapshots()
     annotations = {STORAGE_PATH: leftover.rel}
     admin.apply(claim("again", asking, leftover.class_name, annotations=annotations))
 
     if asking == namespace and kind != "hand-made-elsewhere":
-        assert_reused(admin, asking, "again", leftover.rel)
+        assert_reused(admin, site.export, asking, "again", leftover.rel)
         after = site.snapshots()
         after[0][leftover.rel] = before[0][leftover.rel]  # reuse applies the class's mode
         assert after == before
         return
-    refusal = assert_refused(admin, asking, "again")
-    assert f'claim "{asking}/again": directory "{leftover.rel}"' in refusal
-    assert WHY_NOT[kind].format(owner=namespace) in refusal
-    assert handover_hint(leftover.rel, asking) in refusal
-    assert site.snapshots() == before
+    why = WHY_NOT[kind].format(owner=namespace)
+    assert_refused_with_hint(admin, site, asking, "again", leftover.rel, why, before)
 
 
 def test_hand_made_directory_with_the_claims_default_name_is_reused(
@@ -524,57 +494,39 @@ def test_hand_made_directory_with_the_claims_default_name_is_reused(
     (export / rel).mkdir(parents=True)
     (export / rel / "data.txt").write_text("written before the swap")
     provisioner(name=name, export=export)
-    assert_reused(admin, namespace, "data", rel)
+    assert_reused(admin, export, namespace, "data", rel)
     assert (export / rel / "data.txt").read_text() == "written before the swap"
 
 
 def test_stable_name_reuse_stays_within_the_namespace(
-    admin: Kube,
-    site: Site,
-    namespace: str,
-    new_namespace: MakeNamespace,
-    storage_classes: StorageClasses,
+    admin: Kube, site: Site, namespace: str, new_namespace: MakeNamespace
 ) -> None:
     """StatefulSet-style ``<namespace>-<claim>``: the re-created claim gets its data back; a
     claim of namespace ``<namespace>-y`` named ``z`` renders the same string and gets nothing."""
-    class_name = storage_classes(
-        site.process.name, {"pathPattern": STABLE_NAME, "onDelete": "retain"}, prefix="sts"
-    )
+    class_name = site.storage_class({"pathPattern": STABLE_NAME, "onDelete": "retain"}, "sts")
     first = bound_volume(admin, site, namespace, "y-z", class_name)
-    assert first.rel == f"{namespace}-y-z"
+    assert first.recorded == f"{namespace}-y-z"
     (first.directory / "data.txt").write_text("generation 1")
-    assert release(admin, first).startswith("VolumeRetained: ")
-    admin.wait_gone("pv", first.name)
+    released(admin, first, "VolumeRetained")
     admin.wait_gone("pvc", "y-z", namespace)
 
     admin.apply(claim("y-z", namespace, class_name))
-    assert_reused(admin, namespace, "y-z", first.rel)
+    again = assert_reused(admin, site.export, namespace, "y-z", first.recorded)
     assert (first.directory / "data.txt").read_text() == "generation 1"
-    pvc = admin.get("pvc", "y-z", namespace)
-    assert pvc is not None
-    again = Volume("y-z", namespace, pvc["spec"]["volumeName"], first.rel, first.directory)
-    assert release(admin, again).startswith("VolumeRetained: ")
-    admin.wait_gone("pv", again.name)
+    released(admin, again, "VolumeRetained")
 
     lookalike = new_namespace(f"{namespace}-y")
     before = site.snapshots()
     admin.apply(claim("z", lookalike, class_name))
-    refusal = assert_refused(admin, lookalike, "z")
-    assert f'directory "{first.rel}"' in refusal
-    assert f'belongs to namespace "{namespace}"' in refusal
-    assert handover_hint(first.rel, lookalike) in refusal
-    assert site.snapshots() == before
+    why = f'belongs to namespace "{namespace}"'
+    assert_refused_with_hint(admin, site, lookalike, "z", first.recorded, why, before)
 
 
 def test_claim_annotations_cannot_take_a_directory_over(
-    admin: Kube,
-    site: Site,
-    namespace: str,
-    new_namespace: MakeNamespace,
-    storage_classes: StorageClasses,
+    admin: Kube, site: Site, namespace: str, new_namespace: MakeNamespace
 ) -> None:
     """Whatever a tenant writes on its claim, ownership comes from the claim's namespace."""
-    leftover = make_leftover("retained", admin, site, namespace, storage_classes)
+    leftover = make_leftover("retained", admin, site, namespace)
     intruder = new_namespace()
     records_before = records(site.export)
     assert records_before, "the retained directory has no owner record to protect"
@@ -595,22 +547,16 @@ def test_claim_annotations_cannot_take_a_directory_over(
             annotations=pretending,
         )
     )
-    refusal = assert_refused(admin, intruder, "intruder")
-    assert f'belongs to namespace "{namespace}"' in refusal
+    why = f'belongs to namespace "{namespace}"'
+    assert_refused_with_hint(admin, site, intruder, "intruder", leftover.rel, why, before)
     assert records(site.export) == records_before
-    assert site.snapshots() == before
 
 
 @pytest.mark.parametrize("kind", ["retained", "hand-made-elsewhere"])
 def test_admin_hands_a_directory_over_and_the_refused_claim_is_provisioned(
-    admin: Kube,
-    site: Site,
-    namespace: str,
-    new_namespace: MakeNamespace,
-    storage_classes: StorageClasses,
-    kind: str,
+    admin: Kube, site: Site, namespace: str, new_namespace: MakeNamespace, kind: str
 ) -> None:
-    leftover = make_leftover(kind, admin, site, namespace, storage_classes)
+    leftover = make_leftover(kind, admin, site, namespace)
     newcomer = new_namespace()
     annotations = {STORAGE_PATH: leftover.rel}
     admin.apply(claim("adopter", newcomer, leftover.class_name, annotations=annotations))
@@ -623,7 +569,7 @@ def test_admin_hands_a_directory_over_and_the_refused_claim_is_provisioned(
         "its claims may reuse it"
     )
     # A refusal is not retried; the next resync (every 3 s here) provisions the claim.
-    assert_reused(admin, newcomer, "adopter", leftover.rel, after_refusal=True)
+    assert_reused(admin, site.export, newcomer, "adopter", leftover.rel, after_refusal=True)
     assert (site.export / leftover.rel / "data.txt").read_text() == f"written by {namespace}"
 
 
@@ -659,12 +605,13 @@ def test_handover_refuses_a_directory_a_volume_uses(tenants: Tenants, where: str
     """Handing over a live volume (or a directory around one) would give tenant B's data to
     A under B's running pods: the command refuses, naming the PV, and records nothing."""
     victim, site = tenants.b, tenants.site
-    directory = where.format(rel=victim.rel, parent=victim.rel.rpartition("/")[0] or victim.rel)
+    rel = victim.recorded
+    directory = where.format(rel=rel, parent=rel.rpartition("/")[0] or rel)
     records_before = records(site.export)
     before = site.snapshots()
     result = run_handover(site, directory, tenants.a)
     assert result.returncode == 1, result.stdout
-    assert f'handover: directory "{directory}" is used by PersistentVolume {victim.name}' in (
+    assert f'handover: directory "{directory}" is used by PersistentVolume {victim.volume}' in (
         result.stderr
     )
     assert records(site.export) == records_before
