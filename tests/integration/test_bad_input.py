@@ -1,7 +1,9 @@
 """SPEC §11, provisioning rows: each bad input gets a clear answer and nothing is created.
 
-Every case checks the message the user sees (the Event or the exit line) and that the export is
-exactly as it was (a snapshot of every path in it) and that no PersistentVolume was written.
+Every case checks the message the user sees (the Event, the exit line or ``check``'s report).
+The refused claims also check that the export is exactly as it was (a snapshot of every path in
+it) and that no PersistentVolume was written; the filesystem failures check that the attempt
+fails, names its cause, and that other claims still go through.
 """
 
 from __future__ import annotations
