@@ -553,6 +553,11 @@ def volume_directories(volume: Volume, export: Export) -> frozenset[str]:
     return frozenset(directory for directory in found if directory is not None)
 
 
+def nothing_overlaps(_directory: str) -> frozenset[str]:
+    """The overlap query of a world without PVs (the cache's ``volumes_overlapping`` otherwise)."""
+    return frozenset()
+
+
 def dirs_overlap(first: str, second: str) -> bool:
     """``paths.parts_overlap`` for directories written as ``a/b``."""
     return parts_overlap(first.split("/"), second.split("/"))

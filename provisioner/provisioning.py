@@ -38,10 +38,6 @@ class Verdict(enum.Enum):
     REUSE = "reuse"
 
 
-def _nothing_overlaps(_directory: str) -> Set[str]:
-    return frozenset()
-
-
 @dataclass(frozen=True)
 class ClaimFacts:
     """Everything known about a claim when it is decided."""
@@ -51,7 +47,7 @@ class ClaimFacts:
     provisioner_name: str
     volume_exists: bool = False
     """A PV of the name this claim's would have exists already."""
-    overlapping: Callable[[str], Set[str]] = _nothing_overlaps
+    overlapping: Callable[[str], Set[str]] = core.nothing_overlaps
     """The PVs whose recorded directory is a directory, inside it or around it (the cache)."""
     inspection: ownership.Inspection | None = None
     """What storage found on the export for the directory, under its reservation."""

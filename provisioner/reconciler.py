@@ -356,12 +356,9 @@ class Reconciler:
         try:
             saved = await self._save_volume(claim, body)
         except (ApiError, RetryLater) as error:
-            self.metrics.provision_failed_total.labels(claim.class_name).inc()
             await self._undo_if_claim_gone(claim, plan.directory, created)
-            self._event(
-                claim_ref(claim),
-                "Warning",
-                "ProvisioningFailed",
+            self._failed(
+                claim,
                 f"Error creating PersistentVolume {claim.volume_name_for} for claim "
                 f'"{claim.key}": {error}; retrying',
             )

@@ -60,10 +60,6 @@ class ReleasePlan:
     event_type: str = "Normal"
 
 
-def _nothing_overlaps(_directory: str) -> Set[str]:
-    return frozenset()
-
-
 @dataclass(frozen=True)
 class VolumeFacts:
     """Everything known about a PV when it is decided."""
@@ -73,7 +69,7 @@ class VolumeFacts:
     export: core.Export
     storage_class: core.StorageClass | None = None
     """The PV's StorageClass as it is now (the old provisioner's rules read it)."""
-    overlapping: Callable[[str], Set[str]] = _nothing_overlaps
+    overlapping: Callable[[str], Set[str]] = core.nothing_overlaps
     """The PVs whose recorded directory is a directory, inside it or around it (the cache)."""
 
 

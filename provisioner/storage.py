@@ -408,7 +408,7 @@ class Storage:
             target="" if target is None else str(target),
             cluster=self.writer.cluster,
             provisioner=self.writer.provisioner,
-            since=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            since=journal.timestamp(),
         )
 
     # --- housekeeping ---------------------------------------------------------------------------
